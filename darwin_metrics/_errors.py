@@ -1,0 +1,67 @@
+"""The exceptions darwin-metrics raises on purpose.
+
+Every one of them derives from :class:`DarwinMetricsError`; each also derives from the
+built-in or anyio exception whose meaning it shares, so ``except TimeoutError`` and
+``except anyio.ClosedResourceError`` catch them too.
+"""
+
+from __future__ import annotations
+
+import anyio
+
+__all__ = [
+    "DarwinMetricsError",
+    "PoolClosedError",
+    "PoolEmptyError",
+    "PoolError",
+    "PoolFullError",
+    "PoolTimeoutError",
+    "TrackingTimeoutError",
+]
+
+
+class DarwinMetricsError(Exception):
+    """Base class of every error that darwin-metrics raises on purpose."""
+
+
+class PoolError(DarwinMetricsError):
+    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool`."""
+
+
+class PoolFullError(PoolError):
+    """A new resource was added to a pool that already owns ``max_size`` resources.
+
+    The pool is unchanged; the resource still belongs to the caller.
+    """
+
+
+class PoolEmptyError(PoolError):
+    """A lease was asked of a pool that owns no resource and has no factory to make one.
+
+    Waiting could never end, so :meth:`~darwin_metrics.resource.ResourcePool.lease` raises
+    this at once instead (``acquire`` answers ``None``). Release a resource into the pool,
+    or give it a ``factory``.
+    """
+
+
+class PoolClosedError(PoolError, anyio.ClosedResourceError):
+    """The pool was closed before, or while, the operation waited."""
+
+
+class PoolTimeoutError(PoolError, TimeoutError):
+    """No resource became available within the ``timeout`` given to acquire or lease."""
+
+
+class TrackingTimeoutError(DarwinMetricsError, TimeoutError):
+    """Delivering a usage event to ``"wait"`` subscribers took longer than the timeout.
+
+    The usage was recorded in the statistics; the subscribers that received it keep it.
+    """
+
+    def __init__(self, resource_type: str, timeout: float) -> None:
+        super().__init__(
+            f"tracking {resource_type!r} usage did not finish within {timeout} s: "
+            "a 'wait' subscriber's buffer stayed full"
+        )
+        self.resource_type = resource_type
+        self.timeout = timeout
