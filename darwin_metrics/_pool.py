@@ -1,0 +1,1044 @@
+"""ResourcePool: a cancellation-safe pool of reusable resources for asyncio and trio.
+
+How capacity works
+------------------
+An :class:`anyio.CapacityLimiter` holds the *right to hold a resource*. Every lease takes a
+token on behalf of its own borrower object (leases cross tasks, and one task may hold several),
+and gives it back when the resource comes back.
+
+- With a ``factory``, the limiter has ``max_size`` tokens. The pool keeps ``idle + leased <=
+  max_size``, so a token holder always finds an idle resource or room to create one.
+- Without a factory, the limiter has one token per resource the pool owns, so a token holder
+  always finds an idle resource, and a pool that owns nothing answers ``None`` at once.
+
+The limiter is strictly FIFO and refuses ``acquire_nowait`` while tasks wait, so a released
+resource goes to the longest waiter and no newcomer can jump the queue; the idle list is only
+storage. State changes never straddle an ``await``: every ``await`` in here either happens
+before the state changes or is undone by an ``except BaseException`` block, and giving back,
+discarding, resetting and disposing run shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import random
+import sys
+import warnings
+from collections.abc import Awaitable, Callable
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+import attrs
+from anyio import CancelScope, WouldBlock
+from anyio.lowlevel import checkpoint
+
+from ._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["PoolStatistics", "ResourcePool"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("darwin_metrics")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
+_PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
+
+
+@attrs.frozen
+class PoolStatistics:
+    """A snapshot of a :class:`ResourcePool`'s state and counters."""
+
+    max_size: int
+    """The most resources the pool may own, idle and leased together."""
+    size: int
+    """Resources the pool owns now (idle, leased, and any being checked or reset)."""
+    idle: int
+    """Resources waiting in the pool to be leased."""
+    leased: int
+    """Resources leased out now."""
+    waiting: int
+    """Tasks waiting for a resource."""
+    created: int
+    """Resources the pool took ownership of: made by the factory or added with ``release``."""
+    disposed: int
+    """Resources that left the pool (discarded, failed a check or reset, retired, closed)."""
+    acquired: int
+    """Successful acquisitions (``acquire``, ``try_acquire`` and ``lease``)."""
+    timeouts: int
+    """Acquisitions that ended with :class:`~darwin_metrics.PoolTimeoutError`."""
+    total_wait: float
+    """Seconds that acquisitions spent waiting for a resource, summed."""
+    longest_wait: float
+    """The longest time one acquisition waited for a resource, in seconds."""
+
+
+class _Entry:
+    """One resource the pool owns, with its bookkeeping."""
+
+    __slots__ = ("created_at", "idle_since", "resource", "retire_at")
+
+    def __init__(self, resource: Any, created_at: float, retire_at: float) -> None:
+        self.resource = resource
+        self.created_at = created_at
+        self.retire_at = retire_at
+        self.idle_since = created_at
+
+
+class _Lease:
+    """A lease: the limiter's borrower object, and what it holds.
+
+    ``entry`` is ``None`` until the lease is bound to a resource, and again once the resource
+    was given back or discarded.
+    """
+
+    __slots__ = ("acquired_at", "entry", "warned", "where")
+
+    def __init__(self) -> None:
+        self.entry: _Entry | None = None
+        self.acquired_at = 0.0
+        self.where = ""
+        self.warned = False
+
+
+def _check_size(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _check_seconds(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(
+            f"{name} must be a number of seconds or None, got {type(value).__name__} {value!r}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and non-negative, got {value!r}")
+    return float(value)
+
+
+def _check_hook(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, got {type(value).__name__} {value!r}")
+
+
+def _call_watcher(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        logger.exception("pool watcher %r raised", callback)
+
+
+def _running_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _where_acquired() -> str:
+    """The first caller frame outside darwin_metrics and the async libraries, as file:line."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_PACKAGE_DIR) and not any(
+            part in filename for part in ("/anyio/", "/trio/", "/asyncio/", "contextlib")
+        ):
+            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+class ResourcePool(Generic[T]):
+    """A pool of reusable resources, leased in strict FIFO order.
+
+    The pool never owns more than ``max_size`` resources, idle and leased together. Resources
+    come from ``factory`` on demand, or are added with :meth:`release` (the seed's way to fill
+    a pool). It works on asyncio and trio, and belongs to one event loop run.
+
+    Example::
+
+        async with ResourcePool(10, factory=open_connection, dispose=close) as pool:
+            async with pool.lease(timeout=5) as conn:
+                await conn.send(b"ping")
+
+    Args:
+        max_size: The most resources the pool may own (an int of at least 1).
+        factory: Makes a resource: a callable returning one, or an awaitable of one.
+        check: Validates an idle resource on checkout; returning false or raising disposes
+            it, and the pool tries the next idle resource or creates one.
+        reset: Runs on a resource that comes back, shielded from cancellation; raising
+            disposes the resource.
+        dispose: Closes a resource that leaves the pool (sync or async), shielded from
+            cancellation. Its errors are logged (logger ``darwin_metrics``), never raised.
+        min_idle: Idle resources that upkeep keeps ready (needs ``factory``).
+        max_idle_time: Upkeep disposes resources idle for longer (never going below
+            ``min_idle``); ``None`` keeps them.
+        max_lifetime: Resources older than this are retired, idle ones by upkeep and leased
+            ones when they come back; each gets up to 10% less, so they don't all retire at
+            once. ``None`` keeps them.
+        leak_threshold: A lease held longer logs a warning that says where it was acquired.
+
+    Hooks may be sync or async callables. Prefill, idle reaping, retirement of idle resources
+    and leak warnings while a lease is held run in the upkeep task of ``async with pool:``.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_acquired",
+        "_check",
+        "_closed",
+        "_created",
+        "_creating",
+        "_dispose",
+        "_disposed",
+        "_factory",
+        "_idle",
+        "_leak_threshold",
+        "_leased",
+        "_limiter",
+        "_longest_wait",
+        "_max_idle_time",
+        "_max_lifetime",
+        "_max_size",
+        "_min_idle",
+        "_plain_checkout",
+        "_reset",
+        "_size",
+        "_task_group",
+        "_timeouts",
+        "_total_wait",
+        "_trio",
+        "_upkeep_due",
+        "_upkeep_scope",
+        "_upkeep_wakeup",
+        "_waiters",
+        "_watchers",
+    )
+
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        factory: Callable[[], T | Awaitable[T]] | None = None,
+        check: Callable[[T], bool | Awaitable[bool]] | None = None,
+        reset: Callable[[T], object] | None = None,
+        dispose: Callable[[T], object] | None = None,
+        min_idle: int = 0,
+        max_idle_time: float | None = None,
+        max_lifetime: float | None = None,
+        leak_threshold: float | None = None,
+    ) -> None:
+        self._max_size = _check_size("max_size", max_size, 1)
+        self._min_idle = _check_size("min_idle", min_idle, 0)
+        if min_idle > max_size:
+            raise ValueError(f"min_idle must be at most max_size ({max_size}), got {min_idle!r}")
+        for name, hook in (
+            ("factory", factory),
+            ("check", check),
+            ("reset", reset),
+            ("dispose", dispose),
+        ):
+            _check_hook(name, hook)
+        if min_idle and factory is None:
+            raise ValueError("min_idle needs a factory to create the idle resources")
+        self._max_idle_time = _check_seconds("max_idle_time", max_idle_time)
+        max_lifetime = _check_seconds("max_lifetime", max_lifetime)
+        if max_lifetime == 0:
+            raise ValueError("max_lifetime must be positive, got 0")
+        self._max_lifetime = max_lifetime
+        self._leak_threshold = _check_seconds("leak_threshold", leak_threshold)
+        self._factory = factory
+        self._check = check
+        self._reset = reset
+        self._dispose = dispose
+        # Checkout is a plain pop unless a hook or upkeep must see it.
+        self._plain_checkout = check is None and max_lifetime is None and not min_idle
+
+        self._idle: list[_Entry] = []
+        self._leased: dict[int, _Lease] = {}
+        self._size = 0
+        self._creating = 0
+        self._closed = False
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._trio = False
+        self._waiters: dict[_Lease, CancelScope] = {}
+        self._watchers: list[Callable[[], None]] = []
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._upkeep_scope: CancelScope | None = None
+        self._upkeep_wakeup: anyio.Event | None = None
+        self._upkeep_due = math.inf  # when the upkeep task wakes next by itself
+
+        self._created = 0
+        self._disposed = 0
+        self._acquired = 0
+        self._timeouts = 0
+        self._total_wait = 0.0
+        self._longest_wait = 0.0
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def max_size(self) -> int:
+        """The most resources the pool may own; change it with :meth:`resize`."""
+        return self._max_size
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._closed
+
+    def statistics(self) -> PoolStatistics:
+        """Return a snapshot of the pool's state and counters."""
+        return PoolStatistics(
+            max_size=self._max_size,
+            size=self._size,
+            idle=len(self._idle),
+            leased=len(self._leased),
+            waiting=len(self._waiters),
+            created=self._created,
+            disposed=self._disposed,
+            acquired=self._acquired,
+            timeouts=self._timeouts,
+            total_wait=self._total_wait,
+            longest_wait=self._longest_wait,
+        )
+
+    def __repr__(self) -> str:
+        state = ", closed" if self._closed else ""
+        return (
+            f"<darwin_metrics.ResourcePool at {id(self):#x}, "
+            f"{len(self._leased)}/{self._max_size} leased, {len(self._idle)} idle, "
+            f"{len(self._waiters)} waiting{state}>"
+        )
+
+    def __del__(self) -> None:
+        # Only when something would really be lost: resources that a dispose hook never closed.
+        if not getattr(self, "_closed", True) and self._dispose is not None and self._idle:
+            warnings.warn(
+                f"{self!r} was never closed: {len(self._idle)} idle resources were not "
+                "disposed. Use 'async with pool:' or 'await pool.aclose()'.",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+
+    def _watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every change of the leased count or of ``max_size``.
+
+        The callback runs synchronously in the task that made the change; it must be cheap
+        and must not raise (errors are logged). Returns a function that removes it.
+        """
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return unwatch
+
+    def _notify(self) -> None:
+        for callback in tuple(self._watchers):
+            _call_watcher(callback)
+
+    # ------------------------------------------------------------------ internals
+
+    def _get_limiter(self) -> anyio.CapacityLimiter:
+        """Create the limiter lazily, in the event loop that uses the pool first."""
+        limiter = self._limiter
+        if limiter is None:
+            tokens = self._max_size if self._factory is not None else self._size
+            limiter = self._limiter = anyio.CapacityLimiter(tokens)
+            self._trio = _running_trio()
+        return limiter
+
+    async def _checkpoint(self) -> None:
+        # The running backend's own checkpoint, resolved once: anyio's looks it up every call.
+        if self._trio:
+            await _trio_checkpoint()
+        else:
+            await asyncio.sleep(0)
+
+    def _is_closed(self) -> bool:
+        # A call, so that type checkers don't assume an await left it unchanged.
+        return self._closed
+
+    def _closed_error(self) -> PoolClosedError:
+        return PoolClosedError(f"{self!r} is closed")
+
+    def _new_entry(self, resource: T) -> _Entry:
+        """Take ownership of a resource (sync: no await between this and its placement)."""
+        now = anyio.current_time() if self._needs_clock() else 0.0
+        retire_at = math.inf
+        if self._max_lifetime is not None:
+            retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())
+        self._size += 1
+        self._created += 1
+        return _Entry(resource, now, retire_at)
+
+    def _needs_clock(self) -> bool:
+        return self._max_lifetime is not None or self._max_idle_time is not None
+
+    def _bind(self, lease: _Lease, entry: _Entry) -> None:
+        """Record that ``lease`` holds ``entry`` (sync)."""
+        lease.entry = entry
+        if self._leased.setdefault(id(entry.resource), lease) is not lease:
+            raise RuntimeError(
+                f"the pool's factory returned {entry.resource!r}, which is already leased"
+            )
+        self._acquired += 1
+        if self._leak_threshold is not None:
+            lease.acquired_at = anyio.current_time()
+            lease.where = _where_acquired()
+            self._schedule_upkeep(lease.acquired_at + self._leak_threshold)
+        if self._watchers:
+            self._notify()
+
+    def _forget(self, entry: _Entry) -> None:
+        """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
+        self._size -= 1
+        self._disposed += 1
+        if self._factory is None and self._limiter is not None:
+            # One token per owned resource. Lowering total_tokens never takes a token back.
+            self._limiter.total_tokens = self._size
+            if self._size == 0:
+                # Waiting could never end now: wake every waiter; each answers None.
+                for scope in self._waiters.values():
+                    scope.cancel()
+        if self._min_idle:
+            self._wake_upkeep()
+
+    def _release_token(self, lease: _Lease) -> None:
+        limiter = self._limiter
+        assert limiter is not None
+        limiter.release_on_behalf_of(lease)
+
+    async def _dispose_resource(self, resource: T) -> None:
+        """Run the dispose hook, shielded; log its errors."""
+        if self._dispose is None:
+            return
+        with CancelScope(shield=True):
+            try:
+                result = self._dispose(resource)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("dispose(%r) raised; the resource left the pool anyway", resource)
+
+    async def _drop(self, entry: _Entry) -> None:
+        self._forget(entry)
+        await self._dispose_resource(entry.resource)
+
+    async def _create(self) -> _Entry:
+        """Make a new resource with the factory. Cancellation or an error creates nothing."""
+        factory = self._factory
+        assert factory is not None
+        self._creating += 1
+        try:
+            resource = factory()
+            if inspect.isawaitable(resource):
+                resource = await resource
+        finally:
+            self._creating -= 1
+        return self._new_entry(resource)
+
+    async def _passes_check(self, entry: _Entry) -> bool:
+        """Run ``check`` on an entry popped from idle; dispose it if it fails."""
+        check = self._check
+        assert check is not None
+        try:
+            result = check(entry.resource)
+            if inspect.isawaitable(result):
+                result = await result
+            ok = bool(result)
+        except Exception:
+            logger.warning("check(%r) raised; disposing it", entry.resource, exc_info=True)
+            ok = False
+        except BaseException:
+            # Cancelled mid-check: the resource's state is unknown, so it leaves the pool.
+            await self._drop(entry)
+            raise
+        if not ok:
+            await self._drop(entry)
+        return ok
+
+    async def _fill(self, lease: _Lease) -> _Lease | None:
+        """Bind a token holder to an idle resource or a new one.
+
+        The caller holds a token for ``lease``. Returns the bound lease, or ``None`` (still
+        holding the token) when there is neither an idle resource nor room to create one.
+        On any exception the token is released.
+        """
+        try:
+            while True:
+                if self._closed:
+                    raise self._closed_error()
+                idle = self._idle
+                if idle:
+                    entry = idle.pop()
+                    if self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
+                        await self._drop(entry)
+                        continue
+                    if self._check is not None and not await self._passes_check(entry):
+                        continue
+                elif self._factory is not None and self._size + self._creating < self._max_size:
+                    entry = await self._create()
+                    if self._is_closed():  # closed while the factory ran
+                        await self._drop(entry)
+                        raise self._closed_error()
+                else:
+                    return None
+                self._bind(lease, entry)
+                if self._min_idle and len(idle) < self._min_idle:
+                    self._wake_upkeep()
+                return lease
+        except BaseException:
+            self._release_token(lease)
+            raise
+
+    async def _wait_for_token(self, lease: _Lease) -> bool:
+        """Wait in FIFO order for a token. False: woken by close, or the pool became empty."""
+        limiter = self._limiter
+        assert limiter is not None
+        scope = CancelScope()
+        self._waiters[lease] = scope
+        start = anyio.current_time()
+        try:
+            with scope:
+                await limiter.acquire_on_behalf_of(lease)
+                return True
+            return False
+        finally:
+            del self._waiters[lease]
+            waited = anyio.current_time() - start
+            self._total_wait += waited
+            if waited > self._longest_wait:
+                self._longest_wait = waited
+
+    async def _slow_take(self, lease: _Lease, has_token: bool) -> _Lease | None:
+        """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty."""
+        waited = has_token  # holding a token means the caller already checkpointed
+        while True:
+            if not has_token:
+                if self._factory is None and self._size == 0:
+                    if not waited:
+                        await self._checkpoint()
+                    return None
+                waited = True
+                has_token = await self._wait_for_token(lease)
+                if not has_token:
+                    if self._closed:
+                        raise self._closed_error()
+                    continue
+            if await self._fill(lease) is not None:
+                return lease
+            # Neither idle nor room (the pool shrank, or checks failed): queue again.
+            self._release_token(lease)
+            has_token = False
+
+    async def _take(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+        """Acquire a lease: the one template behind acquire, lease and their timeouts."""
+        if self._closed:
+            raise self._closed_error()
+        limiter = self._limiter or self._get_limiter()
+        try:
+            limiter.acquire_on_behalf_of_nowait(lease)
+        except WouldBlock:
+            has_token = False
+        else:
+            # Fast path: one checkpoint; if it is cancelled, give the token back.
+            try:
+                if self._trio:
+                    await _trio_checkpoint()
+                else:
+                    await asyncio.sleep(0)
+            except BaseException:
+                limiter.release_on_behalf_of(lease)
+                raise
+            # A token holder always finds an idle resource or room to create one.
+            idle = self._idle  # aclose() swaps in an empty list, so this sees a close
+            if idle and self._plain_checkout:
+                self._bind(lease, idle.pop())
+                return lease
+            has_token = True
+        if timeout is None:
+            return await self._slow_take(lease, has_token)
+        # fail_after costs more than the fast path: enter it only here.
+        try:
+            with anyio.fail_after(timeout) as scope:
+                return await self._slow_take(lease, has_token)
+        except TimeoutError:
+            if not scope.cancelled_caught:
+                raise  # the factory's own TimeoutError, not ours
+            self._timeouts += 1
+            raise PoolTimeoutError(
+                f"no resource became available within {timeout} s ({self!r})"
+            ) from None
+
+    def _validate_timeout(self, timeout: float | None) -> None:
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
+
+    # ------------------------------------------------------------------ public API
+
+    async def acquire(self, *, timeout: float | None = None) -> T | None:
+        """Acquire a resource, waiting in strict FIFO order if none is available.
+
+        Takes an idle resource, or makes a new one with the factory while the pool owns
+        fewer than ``max_size``, or waits for one to be released.
+
+        This is a checkpoint. If it raised (cancelled, timed out, closed), you got nothing;
+        if it returned a resource, you own it and must give it back with :meth:`release` or
+        :meth:`discard`. A resource handed to a waiter that is cancelled at that moment goes
+        to the next waiter, or back to idle.
+
+        Args:
+            timeout: Seconds to wait (including the factory's time); ``None`` waits forever.
+
+        Returns:
+            The resource, or ``None`` when waiting could never end: the pool has no factory
+            and owns no resource at all.
+
+        Raises:
+            PoolTimeoutError: No resource within ``timeout``.
+            PoolClosedError: The pool is closed, or was closed while waiting.
+        """
+        self._validate_timeout(timeout)
+        lease = await self._take(_Lease(), timeout)
+        if lease is None:
+            return None
+        entry = lease.entry
+        assert entry is not None
+        resource: T = entry.resource
+        return resource
+
+    async def try_acquire(self) -> T | None:
+        """Acquire a resource if one is available without waiting for another task.
+
+        Takes an idle resource, or makes one with the factory while the pool owns fewer than
+        ``max_size``; otherwise returns ``None``. It never queues, and tasks already waiting
+        keep their turn: it answers ``None`` while any task waits.
+
+        This is a checkpoint. If it raised, you got nothing; if it returned a resource, you
+        own it.
+
+        Raises:
+            PoolClosedError: The pool is closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        limiter = self._limiter or self._get_limiter()
+        lease = _Lease()
+        try:
+            limiter.acquire_on_behalf_of_nowait(lease)
+        except WouldBlock:
+            await self._checkpoint()
+            return None
+        try:
+            await self._checkpoint()
+        except BaseException:
+            limiter.release_on_behalf_of(lease)
+            raise
+        if await self._fill(lease) is None:
+            limiter.release_on_behalf_of(lease)
+            return None
+        entry = lease.entry
+        assert entry is not None
+        resource: T = entry.resource
+        return resource
+
+    def lease(self, *, timeout: float | None = None) -> _LeaseContext[T]:
+        """Lease a resource for the duration of an ``async with`` block.
+
+        ``async with pool.lease() as resource:`` acquires (as :meth:`acquire`), yields the
+        resource itself, and gives it back however the block exits: normally, by an
+        exception or by cancellation (giving back is shielded and never lost). If the block
+        called :meth:`discard` or :meth:`release` on the resource, the exit does nothing more.
+
+        Entering is a checkpoint: if it raised, you got nothing; if the block runs, you hold
+        the resource. Exiting is not a checkpoint, unless a ``reset`` or ``dispose`` hook
+        awaits (shielded).
+
+        Raises:
+            PoolEmptyError: The pool has no factory and owns no resource (on entry).
+            PoolTimeoutError: No resource within ``timeout`` (on entry).
+            PoolClosedError: The pool is closed, or was closed while waiting (on entry).
+        """
+        self._validate_timeout(timeout)
+        return _LeaseContext(self, timeout)
+
+    async def release(self, resource: T) -> None:
+        """Give back a leased resource, or add a new resource to the pool.
+
+        A leased resource always goes back: to the longest waiter, or to idle (after the
+        ``reset`` hook, if any); or it is disposed when the pool is closed, has shrunk below
+        its size, or the resource outlived ``max_lifetime``. A resource the pool does not
+        know is added as a new idle resource (the seed's way to fill a pool).
+
+        Not a checkpoint. Runs shielded: when the calling task is cancelled, the resource is
+        still given back (or added) completely before the cancellation is seen.
+
+        Raises:
+            PoolFullError: Adding a new resource to a pool that owns ``max_size`` resources;
+                nothing changed, and the resource is still yours.
+            ValueError: The resource is already idle in this pool (released twice).
+        """
+        lease = self._leased.get(id(resource))
+        if lease is not None:
+            await self._give_back(lease)
+            return
+        if self._closed:
+            await self._dispose_resource(resource)
+            return
+        if self._size + self._creating >= self._max_size:
+            raise PoolFullError(
+                f"cannot add {resource!r}: the pool already owns max_size={self._max_size} "
+                "resources"
+            )
+        if any(entry.resource is resource for entry in self._idle):
+            raise ValueError(f"{resource!r} is already idle in this pool (released twice?)")
+        limiter = self._limiter or self._get_limiter()
+        self._idle.append(self._new_entry(resource))
+        if self._factory is None:
+            limiter.total_tokens = self._size  # wakes the longest waiter, if any
+        self._schedule_upkeep(self._next_due())
+
+    async def discard(self, resource: T) -> None:
+        """Dispose a leased resource and free its slot (for a resource found broken).
+
+        A lease whose resource was discarded does not give it back on exit. Not a
+        checkpoint; runs shielded, so it completes even when the calling task is cancelled.
+
+        Raises:
+            ValueError: The resource is not leased from this pool.
+        """
+        lease = self._leased.get(id(resource))
+        if lease is None:
+            raise ValueError(f"{resource!r} is not leased from this pool")
+        entry = lease.entry
+        assert entry is not None
+        self._unbind(lease)
+        self._forget(entry)
+        self._release_token(lease)
+        await self._dispose_resource(entry.resource)
+
+    def _unbind(self, lease: _Lease) -> None:
+        entry = lease.entry
+        assert entry is not None
+        del self._leased[id(entry.resource)]
+        lease.entry = None
+        if self._leak_threshold is not None and not lease.warned:
+            held = anyio.current_time() - lease.acquired_at
+            if held > self._leak_threshold:
+                self._warn_leak(entry.resource, lease, held)
+        if self._watchers:
+            self._notify()
+
+    async def _give_back(self, lease: _Lease) -> None:
+        """Return a leased resource to idle or dispose it; shielded, never lost."""
+        entry = lease.entry
+        assert entry is not None
+        self._unbind(lease)
+        ok = True
+        if self._reset is not None:
+            ok = await self._run_reset(entry.resource)
+        if (
+            ok
+            and not self._closed
+            and self._size <= self._max_size
+            and (self._max_lifetime is None or entry.retire_at > anyio.current_time())
+        ):
+            if self._max_idle_time is not None or self._max_lifetime is not None:
+                entry.idle_since = anyio.current_time()
+                self._schedule_upkeep(self._entry_due(entry))
+            self._idle.append(entry)
+            self._release_token(lease)
+            return
+        self._forget(entry)
+        self._release_token(lease)
+        await self._dispose_resource(entry.resource)
+
+    async def _run_reset(self, resource: T) -> bool:
+        reset = self._reset
+        assert reset is not None
+        with CancelScope(shield=True):
+            try:
+                result = reset(resource)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.warning("reset(%r) raised; disposing it", resource, exc_info=True)
+                return False
+        return True
+
+    async def resize(self, max_size: int) -> None:
+        """Change ``max_size`` at run time.
+
+        Growing lets waiters in at once (with a factory, they create resources). Shrinking
+        disposes idle surplus now and leased surplus as it comes back.
+
+        Not a checkpoint; disposal runs shielded.
+        """
+        max_size = _check_size("max_size", max_size, 1)
+        if max_size < self._min_idle:
+            raise ValueError(
+                f"max_size must be at least min_idle ({self._min_idle}), got {max_size}"
+            )
+        self._max_size = max_size
+        if self._factory is not None and self._limiter is not None:
+            self._limiter.total_tokens = max_size
+        surplus: list[_Entry] = []
+        while self._size > self._max_size and self._idle:
+            entry = self._idle.pop(0)  # the longest idle first
+            self._forget(entry)
+            surplus.append(entry)
+        if self._watchers:
+            self._notify()
+        for entry in surplus:
+            await self._dispose_resource(entry.resource)
+
+    async def retain(self, predicate: Callable[[T], bool]) -> int:
+        """Dispose the idle resources for which ``predicate`` is false; return how many.
+
+        Not a checkpoint; disposal runs shielded.
+        """
+        if not callable(predicate):
+            raise TypeError(f"predicate must be callable, got {type(predicate).__name__}")
+        keep: list[_Entry] = []
+        doomed: list[_Entry] = []
+        for entry in self._idle:
+            (keep if predicate(entry.resource) else doomed).append(entry)
+        self._idle[:] = keep
+        for entry in doomed:
+            self._forget(entry)
+        for entry in doomed:
+            await self._dispose_resource(entry.resource)
+        return len(doomed)
+
+    async def aclose(self) -> None:
+        """Close the pool. Idempotent.
+
+        Every waiter gets :class:`~darwin_metrics.PoolClosedError`; idle resources are
+        disposed now; resources leased at this moment are disposed when they come back;
+        upkeep stops. Not a checkpoint; disposal runs shielded.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for scope in self._waiters.values():
+            scope.cancel()
+        if self._upkeep_scope is not None:
+            self._upkeep_scope.cancel()
+        idle, self._idle = self._idle, []
+        for entry in idle:
+            self._forget(entry)
+        for entry in idle:
+            await self._dispose_resource(entry.resource)
+
+    async def __aenter__(self) -> Self:
+        """Start upkeep (prefill, idle reaping, retirement, leak warnings) in a task group.
+
+        The task group lives exactly as long as the ``async with`` block; on exit the pool
+        is closed.
+        """
+        if self._closed:
+            raise self._closed_error()
+        if self._task_group is not None:
+            raise RuntimeError("this pool's 'async with' block is already running")
+        self._get_limiter()
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        self._upkeep_scope = CancelScope()
+        task_group.start_soon(self._upkeep, self._upkeep_scope, name=f"upkeep of {self!r}")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        task_group = self._task_group
+        assert task_group is not None
+        try:
+            await self.aclose()
+        finally:
+            self._task_group = None
+            result = await task_group.__aexit__(exc_type, exc_value, traceback)
+        return result
+
+    # ------------------------------------------------------------------ upkeep
+
+    def _wake_upkeep(self) -> None:
+        wakeup = self._upkeep_wakeup
+        if wakeup is not None:
+            wakeup.set()
+
+    def _schedule_upkeep(self, due: float) -> None:
+        """Wake the upkeep task if it sleeps past ``due``."""
+        if due < self._upkeep_due:
+            self._wake_upkeep()
+
+    def _warn_leak(self, resource: object, lease: _Lease, held: float) -> None:
+        lease.warned = True
+        logger.warning(
+            "a lease of %r has been held for %.3g s (leak_threshold=%s s); acquired at %s",
+            resource,
+            held,
+            self._leak_threshold,
+            lease.where,
+        )
+
+    async def _upkeep(self, scope: CancelScope) -> None:
+        backoff = 0.0
+        retry_prefill_at = -math.inf
+        with scope:
+            while True:
+                self._upkeep_wakeup = wakeup = anyio.Event()
+                self._upkeep_due = -math.inf  # awake: changes need no wake-up
+                for entry in self._collect_expired():
+                    await self._dispose_resource(entry.resource)
+                if anyio.current_time() >= retry_prefill_at:
+                    try:
+                        await self._prefill()
+                    except Exception:
+                        backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
+                        retry_prefill_at = anyio.current_time() + backoff
+                        logger.exception("prefill failed; retrying in %.3g s", backoff)
+                    else:
+                        backoff = 0.0
+                due = self._next_due()
+                if len(self._idle) < self._min_idle:
+                    due = min(due, retry_prefill_at)
+                self._upkeep_due = due
+                delay = due - anyio.current_time()
+                if delay > 0:
+                    with anyio.move_on_after(delay):
+                        await wakeup.wait()
+                else:
+                    await checkpoint()
+
+    def _collect_expired(self) -> list[_Entry]:
+        """Take out idle resources that are past max_idle_time or max_lifetime (sync)."""
+        now = anyio.current_time()
+        doomed: list[_Entry] = []
+        if self._idle and (self._max_idle_time is not None or self._max_lifetime is not None):
+            keep: list[_Entry] = []
+            # Oldest-idle first, so the most recently used ones stay when min_idle binds.
+            removable = len(self._idle) - self._min_idle
+            for entry in self._idle:
+                if entry.retire_at <= now or (
+                    removable > 0
+                    and self._max_idle_time is not None
+                    and now - entry.idle_since >= self._max_idle_time
+                ):
+                    doomed.append(entry)
+                    removable -= 1
+                else:
+                    keep.append(entry)
+            self._idle[:] = keep
+            for entry in doomed:
+                self._forget(entry)
+        if self._leak_threshold is not None:
+            for lease in self._leased.values():
+                held = now - lease.acquired_at
+                if not lease.warned and held > self._leak_threshold and lease.entry is not None:
+                    self._warn_leak(lease.entry.resource, lease, held)
+        return doomed
+
+    def _entry_due(self, entry: _Entry) -> float:
+        """When upkeep must look at an idle entry next."""
+        if self._max_idle_time is None or len(self._idle) <= self._min_idle:
+            return entry.retire_at
+        return min(entry.retire_at, entry.idle_since + self._max_idle_time)
+
+    def _next_due(self) -> float:
+        due = math.inf
+        for entry in self._idle:
+            due = min(due, self._entry_due(entry))
+        if self._leak_threshold is not None:
+            for lease in self._leased.values():
+                if not lease.warned:
+                    # Strictly past the threshold: warn just after it.
+                    due = min(
+                        due, math.nextafter(lease.acquired_at + self._leak_threshold, math.inf)
+                    )
+        return due
+
+    async def _prefill(self) -> None:
+        while (
+            not self._closed
+            and self._factory is not None
+            and len(self._idle) + self._creating < self._min_idle
+            and self._size + self._creating < self._max_size
+        ):
+            entry = await self._create()
+            if self._is_closed():  # closed while the factory ran
+                await self._drop(entry)
+                return
+            self._idle.append(entry)
+
+
+class _LeaseContext(_Lease, Generic[T]):
+    """The async context manager returned by :meth:`ResourcePool.lease`.
+
+    It is its own lease record and limiter borrower: one object per lease.
+    """
+
+    __slots__ = ("_entered", "_pool", "_timeout")
+
+    def __init__(self, pool: ResourcePool[T], timeout: float | None) -> None:
+        super().__init__()
+        self._pool = pool
+        self._timeout = timeout
+        self._entered = False
+
+    async def __aenter__(self) -> T:
+        if self._entered:
+            raise RuntimeError("a lease context can be entered only once")
+        self._entered = True
+        pool = self._pool
+        if await pool._take(self, self._timeout) is None:
+            raise PoolEmptyError(
+                f"{pool!r} owns no resource and has no factory: release a resource into it "
+                "or give it a factory"
+            )
+        entry = self.entry
+        assert entry is not None
+        resource: T = entry.resource
+        return resource
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.entry is not None:
+            await self._pool._give_back(self)
+
+
+if TYPE_CHECKING:
+    _trio_checkpoint = checkpoint
+else:
+    try:
+        from trio.lowlevel import checkpoint as _trio_checkpoint
+    except ImportError:  # trio is optional; the pool never calls this without it
+        _trio_checkpoint = checkpoint
