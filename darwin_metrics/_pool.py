@@ -219,6 +219,7 @@ class ResourcePool(Generic[T]):
         "_max_size",
         "_min_idle",
         "_plain_checkout",
+        "_plain_return",
         "_reset",
         "_size",
         "_task_group",
@@ -268,8 +269,6 @@ class ResourcePool(Generic[T]):
         self._check = check
         self._reset = reset
         self._dispose = dispose
-        # Checkout is a plain pop unless a hook or upkeep must see it.
-        self._plain_checkout = check is None and max_lifetime is None and not min_idle
 
         self._idle: list[_Entry] = []
         self._leased: dict[int, _Lease] = {}
@@ -284,6 +283,8 @@ class ResourcePool(Generic[T]):
         self._upkeep_scope: CancelScope | None = None
         self._upkeep_wakeup: anyio.Event | None = None
         self._upkeep_due = math.inf  # when the upkeep task wakes next by itself
+        self._plain_checkout = self._plain_return = False
+        self._update_fast_paths()
 
         self._created = 0
         self._disposed = 0
@@ -339,6 +340,17 @@ class ResourcePool(Generic[T]):
                 source=self,
             )
 
+    def _update_fast_paths(self) -> None:
+        # Checkout is a plain pop, and a return a plain append, unless a hook, upkeep or a
+        # watcher must see it.
+        observed = self._leak_threshold is not None or bool(self._watchers)
+        self._plain_checkout = (
+            self._check is None and self._max_lifetime is None and not self._min_idle
+        ) and not observed
+        self._plain_return = (
+            self._reset is None and self._max_lifetime is None and self._max_idle_time is None
+        ) and not observed
+
     def _watch(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` after every change of the leased count or of ``max_size``.
 
@@ -346,10 +358,12 @@ class ResourcePool(Generic[T]):
         and must not raise (errors are logged). Returns a function that removes it.
         """
         self._watchers.append(callback)
+        self._update_fast_paths()
 
         def unwatch() -> None:
             if callback in self._watchers:
                 self._watchers.remove(callback)
+                self._update_fast_paths()
 
         return unwatch
 
@@ -574,7 +588,9 @@ class ResourcePool(Generic[T]):
             # A token holder always finds an idle resource or room to create one.
             idle = self._idle  # aclose() swaps in an empty list, so this sees a close
             if idle and self._plain_checkout:
-                self._bind(lease, idle.pop())
+                entry = lease.entry = idle.pop()
+                self._leased[id(entry.resource)] = lease  # no duplicates come from idle
+                self._acquired += 1
                 return lease
             has_token = True
         if timeout is None:
@@ -680,7 +696,8 @@ class ResourcePool(Generic[T]):
             PoolTimeoutError: No resource within ``timeout`` (on entry).
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
         """
-        self._validate_timeout(timeout)
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
         return _LeaseContext(self, timeout)
 
     async def release(self, resource: T) -> None:
@@ -1005,7 +1022,12 @@ class _LeaseContext(_Lease, Generic[T]):
     __slots__ = ("_entered", "_pool", "_timeout")
 
     def __init__(self, pool: ResourcePool[T], timeout: float | None) -> None:
-        super().__init__()
+        # The _Lease fields, set here rather than through super().__init__(): this is the
+        # hot path of every lease.
+        self.entry = None
+        self.acquired_at = 0.0
+        self.where = ""
+        self.warned = False
         self._pool = pool
         self._timeout = timeout
         self._entered = False
@@ -1031,8 +1053,20 @@ class _LeaseContext(_Lease, Generic[T]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self.entry is not None:
-            await self._pool._give_back(self)
+        entry = self.entry
+        if entry is None:
+            return  # discarded or released inside the block
+        pool = self._pool
+        if pool._plain_return and not pool._closed and pool._size <= pool._max_size:
+            # The common case, without a coroutine: back to idle, token to the next waiter.
+            del pool._leased[id(entry.resource)]
+            self.entry = None
+            pool._idle.append(entry)
+            limiter = pool._limiter
+            assert limiter is not None
+            limiter.release_on_behalf_of(self)
+        else:
+            await pool._give_back(self)
 
 
 if TYPE_CHECKING:
