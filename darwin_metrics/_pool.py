@@ -547,14 +547,10 @@ class ResourcePool(Generic[T]):
 
     async def _slow_take(self, lease: _Lease, has_token: bool) -> _Lease | None:
         """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty."""
-        waited = has_token  # holding a token means the caller already checkpointed
         while True:
             if not has_token:
                 if self._factory is None and self._size == 0:
-                    if not waited:
-                        await self._checkpoint()
-                    return None
-                waited = True
+                    return None  # the caller checkpointed, or this task waited
                 has_token = await self._wait_for_token(lease)
                 if not has_token:
                     if self._closed:
@@ -574,6 +570,10 @@ class ResourcePool(Generic[T]):
         try:
             limiter.acquire_on_behalf_of_nowait(lease)
         except WouldBlock:
+            if self._factory is None and self._size == 0:
+                # Waiting could never end: answer at once, before any timeout starts.
+                await self._checkpoint()
+                return None
             has_token = False
         else:
             # Fast path: one checkpoint; if it is cancelled, give the token back.

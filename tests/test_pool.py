@@ -84,6 +84,8 @@ class TestSeed:
         pool: ResourcePool[int] = ResourcePool(2)
         assert await pool.acquire() is None
         assert await pool.acquire(timeout=1) is None
+        # Regression (found by the state machine): a zero timeout must not fire first.
+        assert await pool.acquire(timeout=0) is None
         assert await pool.try_acquire() is None
         with pytest.raises(PoolEmptyError, match="no factory"):
             async with pool.lease():
