@@ -77,7 +77,7 @@ class PoolMachine(RuleBasedStateMachine):
     def size(self) -> int:
         return len(self.idle) + len(self.leased)
 
-    def _expected_take(self) -> Item | None | str:
+    def _expected_take(self) -> Item | str | None:
         """What the model says the next acquisition yields ("new" for a factory call)."""
         if self.idle:
             return self.idle[-1]
@@ -85,7 +85,7 @@ class PoolMachine(RuleBasedStateMachine):
             return "new"
         return None
 
-    def _took(self, expected: Item | None | str, got: Item | None) -> Item | None:
+    def _took(self, expected: Item | str | None, got: Item | None) -> Item | None:
         if expected is None:
             assert got is None
             return None
@@ -127,7 +127,8 @@ class PoolMachine(RuleBasedStateMachine):
             return None
         except PoolEmptyError:
             assert expected is None
-            assert not self.with_factory and self.size == 0
+            assert not self.with_factory
+            assert self.size == 0
             return None
         item = self._took(expected, got)
         assert item is not None
