@@ -452,9 +452,10 @@ class Cache(Generic[K, V]):
         departed: list[tuple[K, V, EvictionCause]] | None = None if self._on_evict is None else []
         self._lock.acquire()
         try:
-            entry = self._data.pop(key, None)
+            entry = self._data.get(key)  # not pop(): it accepts any key when the dict is empty
             if entry is None:
                 return False
+            del self._data[key]
             expired = entry.expires <= now
             self._bury(entry, expired, departed, _REMOVED)
             if self._dead > len(self._data):

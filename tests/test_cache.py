@@ -1,0 +1,1031 @@
+"""Tests of the TTL cache: expiry, eviction, on_evict, statistics, threads, single flight."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import random
+import threading
+import time
+import weakref
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+from darwin_metrics._cache import Cache, CacheStatistics, EvictionCause
+
+THREAD_TIMEOUT = 10.0
+
+
+class FakeClock:
+    """A clock that moves only when told to; safe to read from any thread."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Recorder:
+    """An ``on_evict`` callback that records every call; safe to call from any thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, Any, EvictionCause]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, key: Any, value: Any, cause: EvictionCause) -> None:
+        with self._lock:
+            self.calls.append((key, value, cause))
+
+    def causes(self) -> Counter[EvictionCause]:
+        return Counter(cause for _, _, cause in self.calls)
+
+
+class Value:
+    """A value that can be weakly referenced, to see when the cache lets go of it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Value({self.name!r})"
+
+
+def wait_until(predicate: Callable[[], bool], what: str) -> None:
+    """Wait for another thread to reach a state, polling (real time, bounded)."""
+    deadline = time.monotonic() + THREAD_TIMEOUT
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}")
+        time.sleep(0.001)
+
+
+def run_threads(target: Callable[[int], None], count: int) -> None:
+    """Run ``target(i)`` in ``count`` threads; re-raise the first error any of them raised."""
+    errors: list[BaseException] = []
+
+    def body(index: int) -> None:
+        try:
+            target(index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(THREAD_TIMEOUT)
+        assert not thread.is_alive(), "a thread is stuck"
+    if errors:
+        raise errors[0]
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("ttl", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf, 10**400])
+    def test_ttl_out_of_range(self, ttl: float) -> None:
+        with pytest.raises(ValueError, match="ttl"):
+            Cache(ttl)
+
+    @pytest.mark.parametrize("ttl", [timedelta(0), timedelta(seconds=-1)])
+    def test_timedelta_ttl_out_of_range(self, ttl: timedelta) -> None:
+        with pytest.raises(ValueError, match="ttl"):
+            Cache(ttl)
+
+    @pytest.mark.parametrize("ttl", [True, False, "60", None, [60]])
+    def test_ttl_not_a_number(self, ttl: Any) -> None:
+        with pytest.raises(TypeError, match="ttl"):
+            Cache(ttl)
+
+    def test_per_entry_ttl(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        with pytest.raises(ValueError, match="ttl"):
+            cache.set("k", 1, ttl=0)
+        with pytest.raises(ValueError, match="ttl"):
+            cache.set("k", 1, ttl=math.nan)
+        with pytest.raises(TypeError, match="ttl"):
+            cache.set("k", 1, ttl=True)
+        assert "k" not in cache
+        assert cache.statistics().sets == 0
+
+    @pytest.mark.parametrize("maxsize", [0, -1])
+    def test_maxsize_below_one(self, maxsize: int) -> None:
+        with pytest.raises(ValueError, match="maxsize"):
+            Cache(60, maxsize=maxsize)
+
+    @pytest.mark.parametrize("maxsize", [1.5, 10.0, "10", True])
+    def test_maxsize_not_an_int(self, maxsize: Any) -> None:
+        with pytest.raises(TypeError, match="maxsize"):
+            Cache(60, maxsize=maxsize)
+
+    def test_callables(self) -> None:
+        with pytest.raises(TypeError, match="clock"):
+            Cache(60, clock=1.0)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="on_evict"):
+            Cache(60, on_evict="print")  # type: ignore[arg-type]
+        cache: Cache[str, int] = Cache(60)
+        with pytest.raises(TypeError, match="make"):
+            cache.get_or_set("k", 1)  # type: ignore[arg-type]
+
+    def test_unhashable_key(self) -> None:
+        cache: Cache[Any, int] = Cache(60, maxsize=10)
+        operations: list[Callable[[], object]] = [
+            lambda: cache.get([1]),
+            lambda: cache.set([1], 1),
+            lambda: cache.remove([1]),
+            lambda: [1] in cache,
+            lambda: cache.get_or_set([1], lambda: 1),
+        ]
+        for operation in operations:
+            with pytest.raises(TypeError, match="unhashable"):
+                operation()
+        assert len(cache) == 0
+        assert cache.statistics().sets == 0
+
+    @pytest.mark.anyio
+    async def test_get_or_load_arguments(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        calls = 0
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            return 1
+
+        with pytest.raises(TypeError, match="load"):
+            await cache.get_or_load("k", 1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="ttl"):
+            await cache.get_or_load("k", load, ttl=-1)
+        assert calls == 0
+
+
+class TestBasics:
+    def test_get_set(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        assert cache.get("k") is None
+        assert cache.get("k", 7) == 7
+        cache.set("k", 1)
+        assert cache.get("k") == 1
+        assert cache.get("k", 7) == 1
+        cache.set("k", 2)
+        assert cache.get("k") == 2
+        assert len(cache) == 1
+
+    def test_values_are_not_copied(self) -> None:
+        cache: Cache[str, list[int]] = Cache(60)
+        value = [1]
+        cache.set("k", value)
+        assert cache.get("k") is value
+
+    def test_none_is_a_value(self) -> None:
+        cache: Cache[str, None] = Cache(60)
+        cache.set("k", None)
+        assert "k" in cache
+        assert cache.get("k", "default") is None
+
+    def test_remove(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        cache.set("k", 1)
+        assert cache.remove("k") is True
+        assert cache.remove("k") is False
+        assert cache.remove("never") is False
+        assert "k" not in cache
+        assert len(cache) == 0
+
+    def test_clear_and_len(self) -> None:
+        cache: Cache[int, int] = Cache(60, maxsize=10)
+        for key in range(5):
+            cache.set(key, key)
+        assert len(cache) == 5
+        cache.clear()
+        assert len(cache) == 0
+        assert cache.get(1) is None
+        cache.set(1, 1)  # usable after clear
+        assert cache.get(1) == 1
+
+    def test_contains_counts_nothing(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        cache.set("k", 1)
+        assert "k" in cache
+        assert "other" not in cache
+        stats = cache.statistics()
+        assert (stats.hits, stats.misses) == (0, 0)
+
+    def test_properties_and_repr(self) -> None:
+        bounded: Cache[str, int] = Cache(timedelta(minutes=1), maxsize=100)
+        assert bounded.ttl == 60.0
+        assert bounded.maxsize == 100
+        bounded.set("a", 1)
+        bounded.get("a")
+        bounded.get("a")
+        bounded.get("a")
+        bounded.get("b")
+        assert repr(bounded) == (
+            f"<darwin_metrics.Cache at {id(bounded):#x}, 1/100 entries, ttl=60.0s, hit ratio 0.75>"
+        )
+        unbounded: Cache[str, int] = Cache(1.5)
+        assert unbounded.maxsize is None
+        assert repr(unbounded) == (
+            f"<darwin_metrics.Cache at {id(unbounded):#x}, 0 entries, ttl=1.5s, hit ratio n/a>"
+        )
+
+    def test_public_names(self) -> None:
+        import darwin_metrics._cache as module
+
+        assert sorted(module.__all__) == ["Cache", "CacheStatistics", "EvictionCause"]
+
+
+class TestExpiry:
+    def test_boundary(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, clock=clock)
+        cache.set("k", 1)
+        clock.advance(10 - 1e-6)
+        assert cache.get("k") == 1
+        assert "k" in cache
+        clock.advance(1e-6)  # exactly the ttl: gone
+        assert cache.get("k") is None
+        assert "k" not in cache
+
+    def test_just_after_the_ttl(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, clock=clock)
+        cache.set("k", 1)
+        clock.advance(10.001)
+        assert "k" not in cache
+        assert cache.get("k") is None
+
+    def test_per_entry_ttl(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, clock=clock)
+        cache.set("short", 1, ttl=1)
+        cache.set("long", 2, ttl=timedelta(seconds=100))
+        cache.set("default", 3)
+        clock.advance(1)
+        assert cache.get("short") is None
+        assert cache.get("default") == 3
+        clock.advance(9)
+        assert cache.get("default") is None
+        assert cache.get("long") == 2
+        clock.advance(90)
+        assert cache.get("long") is None
+
+    def test_set_restarts_the_ttl(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, clock=clock)
+        cache.set("k", 1)
+        clock.advance(8)
+        cache.set("k", 2)
+        clock.advance(8)
+        assert cache.get("k") == 2
+
+    def test_dropped_lazily_when_touched(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, clock=clock)
+        cache.set("a", 1)
+        cache.set("b", 2)
+        clock.advance(10)
+        assert len(cache) == 2  # expired, but nobody looked
+        assert cache.get("a") is None
+        assert len(cache) == 1
+        assert "b" not in cache
+        assert len(cache) == 0
+        assert cache.statistics().expirations == 2
+
+    def test_clear_expired(self) -> None:
+        clock = FakeClock()
+        cache: Cache[int, int] = Cache(10, clock=clock)
+        for key in range(5):
+            cache.set(key, key, ttl=1 + key)
+        clock.advance(3)
+        assert cache.clear_expired() == 3  # ttls 1, 2 and 3
+        assert len(cache) == 2
+        assert cache.clear_expired() == 0
+        assert [cache.get(key) for key in range(5)] == [None, None, None, 3, 4]
+
+    def test_new_keys_sweep_expired_entries_of_an_unbounded_cache(self) -> None:
+        clock = FakeClock()
+        cache: Cache[int, int] = Cache(1, clock=clock)
+        for key in range(100):
+            cache.set(key, key)
+        clock.advance(1)
+        for key in range(100, 200):
+            cache.set(key, key)
+        # Nobody touched keys 0..99 again, yet they did not pile up.
+        assert len(cache) <= 100
+        assert cache.statistics().expirations >= 100
+
+    def test_a_miss_does_not_drop_a_fresher_entry(self) -> None:
+        # Another thread sets the key between a lookup's read of the expired entry and its
+        # attempt to drop it: the fresh entry must survive.
+        clock = FakeClock()
+        cache: Cache[str, str] = Cache(10, clock=clock)
+        cache.set("k", "stale")
+        clock.advance(10)
+        racing = True
+
+        def racing_clock() -> float:
+            nonlocal racing
+            if racing:
+                racing = False
+                cache.set("k", "fresh")
+            return clock()
+
+        cache._clock = racing_clock
+        assert cache.get("k") is None  # it found the stale entry
+        assert cache.get("k") == "fresh"
+        assert cache.statistics().expirations == 1  # the stale one, counted once
+
+    @pytest.mark.parametrize("maxsize", [None, 10])
+    def test_a_racing_lookup_never_returns_a_dropped_value(self, maxsize: int | None) -> None:
+        # Another thread removes the entry just after a lookup compared its expiry: the lookup
+        # returns the value it found, or misses; never what the cache put in the value's place.
+        cache: Cache[str, str] = Cache(10, maxsize=maxsize)
+        cache.set("k", "v")
+        real_clock = cache._clock
+
+        class RacingNow(float):
+            def __lt__(self, other: float) -> bool:
+                result = float(self) < other
+                cache.remove("k")
+                return result
+
+        cache._clock = lambda: RacingNow(real_clock())
+        assert cache.get("k") in ("v", None)
+        cache._clock = real_clock
+        assert "k" not in cache
+
+
+class TestEviction:
+    def test_bound(self) -> None:
+        cache: Cache[int, int] = Cache(60, maxsize=10)
+        for key in range(100):
+            cache.set(key, key)
+            assert len(cache) <= 10
+        assert len(cache) == 10
+        assert cache.statistics().evictions == 90
+
+    def test_unvisited_oldest_goes_first(self) -> None:
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(60, maxsize=3, on_evict=recorder)
+        for key in "abc":
+            cache.set(key, 0)
+        cache.get("a")
+        cache.set("d", 0)  # a was looked up: it survives, b goes
+        cache.set("e", 0)  # then c, the next unvisited one
+        assert [key for key, _, _ in recorder.calls] == ["b", "c"]
+        assert {key for key in "ade" if key in cache} == {"a", "d", "e"}
+
+    def test_hits_survive_eviction(self) -> None:
+        cache: Cache[int, str] = Cache(60, maxsize=10)
+        cache.set(-1, "hot")
+        for key in range(1000):
+            assert cache.get(-1) == "hot"
+            cache.set(key, "cold")
+        assert cache.get(-1) == "hot"
+
+    def test_replacing_a_key_evicts_nothing(self) -> None:
+        cache: Cache[int, int] = Cache(60, maxsize=3)
+        for key in range(3):
+            cache.set(key, key)
+        for round_ in range(100):
+            cache.set(round_ % 3, round_)
+        assert len(cache) == 3
+        assert cache.statistics().evictions == 0
+
+    def test_expired_entries_go_before_live_ones(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(60, maxsize=3, clock=clock, on_evict=recorder)
+        cache.set("b", 0)
+        cache.set("short", 0, ttl=1)
+        cache.set("c", 0)
+        clock.advance(1)
+        cache.set("d", 0)
+        assert recorder.calls == [("short", 0, EvictionCause.EXPIRED)]
+        assert all(key in cache for key in "bcd")
+        stats = cache.statistics()
+        assert (stats.evictions, stats.expirations) == (0, 1)
+
+    def test_a_visited_but_expired_entry_is_not_spared(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(60, maxsize=2, clock=clock, on_evict=recorder)
+        cache.set("a", 0, ttl=1)
+        cache.get("a")
+        cache.set("b", 0)
+        clock.advance(1)
+        cache.set("c", 0)
+        assert recorder.calls == [("a", 0, EvictionCause.EXPIRED)]
+
+    def test_removed_values_are_released(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, Value] = Cache(10, maxsize=2, clock=clock)
+
+        def stored(key: str, **kwargs: Any) -> weakref.ref[Value]:
+            value = Value(key)
+            cache.set(key, value, **kwargs)
+            return weakref.ref(value)
+
+        removed = stored("removed")
+        cache.remove("removed")
+        replaced = stored("replaced")
+        stored("replaced")
+        expired = stored("expired", ttl=1)
+        clock.advance(1)
+        cache.get("expired")
+        evicted = stored("evicted")
+        stored("x")
+        stored("y")
+        gc.collect()
+        assert [ref() for ref in (removed, replaced, expired, evicted)] == [None] * 4
+
+    def test_the_queue_does_not_grow_with_replacements(self) -> None:
+        # Replaced entries stay in SIEVE's queue until it is compacted; it must be.
+        cache: Cache[int, int] = Cache(60, maxsize=1000)
+        for round_ in range(50_000):
+            cache.set(round_ % 10, round_)
+        queue = cache._queue
+        assert queue is not None
+        assert len(queue) <= 2 * len(cache) + 1
+
+    def test_sieve_beats_lru_on_a_zipf_trace(self) -> None:
+        # 1% of the key space, Zipf(1.0): SIEVE's hit ratio is about 0.6, LRU's about 0.5.
+        rng = random.Random(1)
+        keys = 10_000
+        weights = [1 / rank for rank in range(1, keys + 1)]
+        trace = rng.choices(range(keys), weights, k=50_000)
+        cache: Cache[int, int] = Cache(60, maxsize=keys // 100)
+        for key in trace:
+            if cache.get(key) is None:
+                cache.set(key, key)
+        lru_hits = 0
+        lru: OrderedDict[int, None] = OrderedDict()
+        for key in trace:
+            if key in lru:
+                lru_hits += 1
+                lru.move_to_end(key)
+            else:
+                if len(lru) >= keys // 100:
+                    lru.popitem(last=False)
+                lru[key] = None
+        assert cache.statistics().hit_ratio >= lru_hits / len(trace) + 0.02
+
+
+class TestOnEvict:
+    def test_every_cause(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(10, maxsize=2, clock=clock, on_evict=recorder)
+        cache.set("a", 1)
+        cache.set("a", 2)
+        assert recorder.calls[-1] == ("a", 1, EvictionCause.REPLACED)
+        cache.remove("a")
+        assert recorder.calls[-1] == ("a", 2, EvictionCause.REMOVED)
+        cache.set("b", 3)
+        cache.set("c", 4)
+        cache.set("d", 5)
+        assert recorder.calls[-1] == ("b", 3, EvictionCause.SIZE)
+        clock.advance(10)
+        cache.get("c")
+        assert recorder.calls[-1] == ("c", 4, EvictionCause.EXPIRED)
+        assert len(recorder.calls) == 4
+
+    def test_expired_whichever_operation_finds_it(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(10, clock=clock, on_evict=recorder)
+        for key in "abcd":
+            cache.set(key, 0)
+        clock.advance(10)
+        assert "a" not in cache
+        cache.set("b", 1)  # over an expired entry: it expired, it was not replaced
+        assert cache.remove("c") is False
+        assert cache.clear_expired() == 1
+        cache.clear()
+        assert recorder.calls == [
+            ("a", 0, EvictionCause.EXPIRED),
+            ("b", 0, EvictionCause.EXPIRED),
+            ("c", 0, EvictionCause.EXPIRED),
+            ("d", 0, EvictionCause.EXPIRED),
+            ("b", 1, EvictionCause.REMOVED),
+        ]
+        assert cache.statistics().expirations == 4
+
+    def test_clear_reports_each_entry(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(10, clock=clock, on_evict=recorder)
+        cache.set("old", 1, ttl=1)
+        cache.set("new", 2)
+        clock.advance(1)
+        cache.clear()
+        assert sorted(recorder.calls) == [
+            ("new", 2, EvictionCause.REMOVED),
+            ("old", 1, EvictionCause.EXPIRED),
+        ]
+
+    def test_runs_outside_the_lock(self) -> None:
+        # A callback that uses the cache would deadlock if it ran under the lock.
+        seen: list[tuple[str, int | None]] = []
+        cache: Cache[str, int] = Cache(60, maxsize=2)
+
+        def on_evict(key: str, value: int, cause: EvictionCause) -> None:
+            seen.append((key, cache.get(key)))
+            if key == "a":
+                cache.set("moved", value)
+
+        cache._on_evict = on_evict
+        cache.set("a", 1)
+        cache.remove("a")
+        assert seen == [("a", None)]
+        assert cache.get("moved") == 1
+
+    def test_errors_are_logged_not_raised(self, caplog: pytest.LogCaptureFixture) -> None:
+        def on_evict(key: str, value: int, cause: EvictionCause) -> None:
+            raise RuntimeError("boom")
+
+        cache: Cache[str, int] = Cache(60, maxsize=1, on_evict=on_evict)
+        with caplog.at_level(logging.ERROR, logger="darwin_metrics"):
+            cache.set("a", 1)
+            cache.set("a", 2)
+            cache.set("b", 3)
+            assert cache.remove("b") is True
+        assert cache.statistics().sets == 3
+        assert len(caplog.records) == 3
+        assert all(record.name == "darwin_metrics" for record in caplog.records)
+        assert all(record.exc_info is not None for record in caplog.records)
+        assert "'a'" in caplog.records[0].getMessage()
+
+
+class TestStatistics:
+    def test_counts(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(10, maxsize=2, clock=clock)
+        assert cache.statistics() == CacheStatistics(
+            hits=0,
+            misses=0,
+            sets=0,
+            evictions=0,
+            expirations=0,
+            size=0,
+            maxsize=2,
+            hit_ratio=0.0,
+        )
+        cache.set("a", 1)
+        cache.set("a", 2)
+        cache.set("b", 1, ttl=1)
+        cache.get("a")
+        cache.get("a")
+        cache.get("a")
+        cache.get("nope")
+        clock.advance(1)
+        cache.get("b")  # expired: a miss and an expiration
+        cache.set("c", 1)
+        cache.set("d", 1)  # evicts one of a or c
+        assert cache.statistics() == CacheStatistics(
+            hits=3,
+            misses=2,
+            sets=5,
+            evictions=1,
+            expirations=1,
+            size=2,
+            maxsize=2,
+            hit_ratio=0.6,
+        )
+
+    def test_is_frozen(self) -> None:
+        stats: CacheStatistics = Cache[str, int](60).statistics()
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            stats.hits = 1  # type: ignore[misc]
+
+    def test_single_flight_counts(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        assert cache.get_or_set("k", lambda: 1) == 1
+        assert cache.get_or_set("k", lambda: 2) == 1
+        stats = cache.statistics()
+        assert (stats.hits, stats.misses, stats.sets) == (1, 1, 1)
+
+
+class TestThreads:
+    def test_hammer(self) -> None:
+        clock = FakeClock()
+        recorder = Recorder()
+        maxsize = 32
+        cache: Cache[int, tuple[int, int]] = Cache(
+            1, maxsize=maxsize, clock=clock, on_evict=recorder
+        )
+        operations = 4000
+        gets = [0] * 8
+        sets = [0] * 8
+        made = [0] * 8
+
+        def worker(index: int) -> None:
+            rng = random.Random(index)
+            for step in range(operations):
+                key = rng.randrange(100)
+                roll = rng.random()
+                if roll < 0.5:
+                    gets[index] += 1
+                    value = cache.get(key)
+                    assert value is None or value[0] == key
+                elif roll < 0.8:
+                    sets[index] += 1
+                    cache.set(key, (key, index), ttl=rng.choice([None, 0.5, 2]))
+                elif roll < 0.9:
+                    cache.remove(key)
+                elif roll < 0.95:
+                    gets[index] += 1
+
+                    def make(key: int = key) -> tuple[int, int]:
+                        made[index] += 1
+                        return (key, index)
+
+                    assert cache.get_or_set(key, make)[0] == key
+                elif roll < 0.97:
+                    cache.clear_expired()
+                else:
+                    assert cache.statistics().size <= maxsize
+                    assert isinstance(key in cache, bool)
+                if index == 0 and step % 50 == 0:
+                    clock.advance(0.1)
+                assert len(cache) <= maxsize
+
+        run_threads(worker, 8)
+        stats = cache.statistics()
+        causes = recorder.causes()
+        assert len(cache) == stats.size <= maxsize
+        assert stats.sets == sum(sets) + sum(made)  # exact: counted under the lock
+        assert stats.evictions == causes[EvictionCause.SIZE] > 0
+        assert stats.expirations == causes[EvictionCause.EXPIRED] > 0
+        # Every set added an entry or replaced one; every other departure took one away.
+        departed = sum(causes.values()) - causes[EvictionCause.REPLACED]
+        assert stats.size == stats.sets - causes[EvictionCause.REPLACED] - departed
+        # Hits and misses may lose increments between threads, never gain any.
+        assert 0 < stats.hits + stats.misses <= sum(gets)
+
+    def test_two_threads_reading(self) -> None:
+        cache: Cache[int, int] = Cache(60, maxsize=100)
+        for key in range(100):
+            cache.set(key, key)
+
+        def reader(index: int) -> None:
+            for _ in range(200):
+                for key in range(100):
+                    assert cache.get(key) == key
+
+        run_threads(reader, 2)
+        assert len(cache) == 100
+        assert cache.statistics().evictions == 0
+
+
+class TestGetOrSet:
+    def test_hit_and_miss(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        assert cache.get_or_set("k", lambda: 1, ttl=5) == 1
+        assert cache.get_or_set("k", lambda: 2) == 1
+        assert cache.get("k") == 1
+
+    def test_ttl(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(60, clock=clock)
+        cache.get_or_set("k", lambda: 1, ttl=5)
+        clock.advance(5)
+        assert cache.get("k") is None
+
+    def test_one_make_for_many_threads(self) -> None:
+        cache: Cache[str, object] = Cache(60)
+        release = threading.Event()
+        calls = 0
+        results: list[object] = []
+        result = object()
+
+        def make() -> object:
+            nonlocal calls
+            calls += 1
+            assert release.wait(THREAD_TIMEOUT)
+            return result
+
+        def caller(index: int) -> None:
+            results.append(cache.get_or_set("k", make))
+
+        thread = threading.Thread(target=release_when_waiting, args=(cache, "k", 7, release))
+        thread.start()
+        run_threads(caller, 8)
+        thread.join()
+        assert calls == 1
+        assert results == [result] * 8
+        assert cache._thread_flights == {}
+
+    def test_an_error_reaches_every_waiter(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        release = threading.Event()
+        calls = 0
+        errors: list[BaseException] = []
+
+        def make() -> int:
+            nonlocal calls
+            calls += 1
+            assert release.wait(THREAD_TIMEOUT)
+            raise LookupError("no such thing")
+
+        def caller(index: int) -> None:
+            with pytest.raises(LookupError) as info:
+                cache.get_or_set("k", make)
+            errors.append(info.value)
+
+        thread = threading.Thread(target=release_when_waiting, args=(cache, "k", 5, release))
+        thread.start()
+        run_threads(caller, 6)
+        thread.join()
+        assert calls == 1
+        assert len(errors) == 6
+        assert all(error is errors[0] for error in errors)
+        assert "k" not in cache
+        assert cache.get_or_set("k", lambda: 1) == 1  # nothing stuck
+
+    def test_waiters_take_over_when_the_maker_gives_up(self) -> None:
+        # A BaseException that is not an Exception (KeyboardInterrupt, SystemExit) is not the
+        # make's result: a waiter makes the value instead.
+        cache: Cache[str, str] = Cache(60)
+        release = threading.Event()
+        calls = 0
+        results: list[str] = []
+
+        class GaveUp(BaseException):
+            pass
+
+        def make() -> str:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                assert release.wait(THREAD_TIMEOUT)
+                raise GaveUp
+            return "made"
+
+        def caller(index: int) -> None:
+            try:
+                results.append(cache.get_or_set("k", make))
+            except GaveUp:
+                results.append("gave up")
+
+        thread = threading.Thread(target=release_when_waiting, args=(cache, "k", 3, release))
+        thread.start()
+        run_threads(caller, 4)
+        thread.join()
+        assert calls == 2
+        assert sorted(results) == ["gave up", "made", "made", "made"]
+
+    def test_recursion_is_an_error(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+
+        def make() -> int:
+            return cache.get_or_set("k", make)
+
+        with pytest.raises(RuntimeError, match="wait for itself"):
+            cache.get_or_set("k", make)
+        assert cache._thread_flights == {}
+
+
+def release_when_waiting(
+    cache: Cache[Any, Any], key: object, waiters: int, release: threading.Event
+) -> None:
+    """Set ``release`` once ``waiters`` threads wait for the thread that makes ``key``."""
+
+    def waiting() -> bool:
+        flight = cache._thread_flights.get(key)
+        return flight is not None and flight.waiters == waiters
+
+    try:
+        wait_until(waiting, f"{waiters} threads wait for {key!r}")
+    finally:
+        release.set()
+
+
+class TestGetOrLoad:
+    @pytest.mark.anyio
+    async def test_hit_and_miss(self) -> None:
+        clock = FakeClock()
+        cache: Cache[str, int] = Cache(60, clock=clock)
+        calls = 0
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            await anyio.sleep(1)
+            return calls
+
+        assert await cache.get_or_load("k", load, ttl=5) == 1
+        assert await cache.get_or_load("k", load) == 1
+        assert calls == 1
+        clock.advance(5)
+        assert await cache.get_or_load("k", load) == 2
+        stats = cache.statistics()
+        assert (stats.hits, stats.misses, stats.sets) == (1, 2, 2)
+
+    @pytest.mark.anyio
+    async def test_one_load_for_many_callers(self) -> None:
+        cache: Cache[str, object] = Cache(60)
+        calls = 0
+        result = object()
+        results: list[object] = []
+
+        async def load() -> object:
+            nonlocal calls
+            calls += 1
+            await anyio.sleep(1)
+            return result
+
+        async def caller() -> None:
+            results.append(await cache.get_or_load("k", load))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(caller)
+        assert calls == 1
+        assert results == [result] * 20
+        assert cache.get("k") is result
+        assert cache._async_flights == {}
+
+    @pytest.mark.anyio
+    async def test_different_keys_load_concurrently(self) -> None:
+        cache: Cache[int, int] = Cache(60)
+        loading: set[int] = set()
+        most = 0
+
+        async def load(key: int) -> int:
+            nonlocal most
+            loading.add(key)
+            most = max(most, len(loading))
+            await anyio.sleep(1)
+            loading.discard(key)
+            return key
+
+        async with anyio.create_task_group() as tg:
+            for key in range(5):
+                tg.start_soon(cache.get_or_load, key, lambda key=key: load(key))
+        assert most == 5
+        assert [cache.get(key) for key in range(5)] == list(range(5))
+
+    @pytest.mark.anyio
+    async def test_an_error_reaches_every_waiter(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        calls = 0
+        errors: list[BaseException] = []
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            await anyio.sleep(1)
+            raise LookupError("no such thing")
+
+        async def caller() -> None:
+            with pytest.raises(LookupError) as info:
+                await cache.get_or_load("k", load)
+            errors.append(info.value)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(caller)
+        assert calls == 1
+        assert len(errors) == 5
+        assert all(error is errors[0] for error in errors)
+        assert "k" not in cache
+        assert cache._async_flights == {}
+
+        async def load_again() -> int:
+            return 2
+
+        assert await cache.get_or_load("k", load_again) == 2
+
+    @pytest.mark.anyio
+    async def test_a_cancelled_loader_hands_over(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        calls = 0
+        results: list[int] = []
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await anyio.sleep_forever()
+            await anyio.sleep(1)
+            return calls
+
+        async def waiter() -> None:
+            results.append(await cache.get_or_load("k", load))
+
+        loader_scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancellable_get_or_load, cache, "k", load, loader_scope)
+            await anyio.wait_all_tasks_blocked()
+            for _ in range(5):
+                tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert calls == 1
+            loader_scope.cancel()
+        assert calls == 2
+        assert results == [2] * 5
+        assert cache.get("k") == 2
+        assert cache._async_flights == {}
+
+    @pytest.mark.anyio
+    async def test_a_cancelled_waiter_leaves_the_load_alone(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        calls = 0
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            await anyio.sleep(5)
+            return 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cache.get_or_load, "k", load)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.move_on_after(1) as scope:
+                await cache.get_or_load("k", load)
+            assert scope.cancelled_caught
+        assert calls == 1
+        assert cache.get("k") == 1
+
+    @pytest.mark.anyio
+    async def test_a_hit_is_not_a_checkpoint_a_miss_is(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+        cache.set("hit", 1)
+        calls = 0
+
+        async def load() -> int:
+            nonlocal calls
+            calls += 1
+            return 2
+
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            assert await cache.get_or_load("hit", load) == 1
+            await cache.get_or_load("miss", load)
+            pytest.fail("a miss did not check for cancellation")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert calls == 0
+        assert "miss" not in cache
+        assert cache._async_flights == {}
+
+    @pytest.mark.anyio
+    async def test_recursion_is_an_error(self) -> None:
+        cache: Cache[str, int] = Cache(60)
+
+        async def load() -> int:
+            return await cache.get_or_load("k", load)
+
+        with pytest.raises(RuntimeError, match="wait for itself"):
+            await cache.get_or_load("k", load)
+        assert cache._async_flights == {}
+
+    @pytest.mark.parametrize("backend", ["asyncio", "trio"])
+    def test_event_loops_in_two_threads(self, backend: str) -> None:
+        # Single flight is per event loop: a loop never waits on another loop's event. Each
+        # loop loads for itself, even while the other loop's load is in progress.
+        cache: Cache[str, str] = Cache(60)
+        first_loading = threading.Event()
+        second_loaded = threading.Event()
+        results: list[str] = []
+
+        async def first_load() -> str:
+            first_loading.set()
+            assert second_loaded.wait(THREAD_TIMEOUT)  # blocks this loop: that is fine here
+            return "first"
+
+        async def second_load() -> str:
+            second_loaded.set()
+            return "second"
+
+        async def first() -> None:
+            results.append(await cache.get_or_load("k", first_load))
+
+        async def second() -> None:
+            assert first_loading.wait(THREAD_TIMEOUT)
+            results.append(await cache.get_or_load("k", second_load))
+
+        def run(index: int) -> None:
+            anyio.run(first if index == 0 else second, backend=backend)
+
+        run_threads(run, 2)
+        assert sorted(results) == ["first", "second"]
+        assert cache.get("k") == "first"  # the last value loaded
+        assert cache._async_flights == {}
+
+
+async def cancellable_get_or_load(
+    cache: Cache[str, int], key: str, load: Callable[[], Any], scope: anyio.CancelScope
+) -> None:
+    with scope:
+        await cache.get_or_load(key, load)
