@@ -427,6 +427,25 @@ class TestEviction:
         cache.set("c", 0)
         assert recorder.calls == [("a", 0, EvictionCause.EXPIRED)]
 
+    def test_the_hand_drops_an_expired_entry_it_meets(self) -> None:
+        # Right after a sweep, the next sweep waits for more sets; meanwhile the eviction hand
+        # takes the expired entries it passes before any live one.
+        clock = FakeClock()
+        recorder = Recorder()
+        cache: Cache[str, int] = Cache(10, maxsize=4, clock=clock, on_evict=recorder)
+        cache.set("a", 0, ttl=1)
+        for key in "bcd":
+            cache.set(key, 0)
+        clock.advance(1)
+        cache.set("e", 0, ttl=0.5)  # sweeps a away
+        for key in "bcd":
+            cache.get(key)
+        clock.advance(0.5)
+        cache.set("f", 0)
+        assert recorder.calls == [("a", 0, EvictionCause.EXPIRED), ("e", 0, EvictionCause.EXPIRED)]
+        stats = cache.statistics()
+        assert (stats.evictions, stats.expirations) == (0, 2)
+
     def test_removed_values_are_released(self) -> None:
         clock = FakeClock()
         cache: Cache[str, Value] = Cache(10, maxsize=2, clock=clock)
