@@ -10,12 +10,21 @@ How it stays fast and correct under threads:
 - An entry that leaves the cache is *buried*: its expiry becomes ``-inf`` first, then its value
   is dropped. A reader reads the value before the expiry, so a reader that races with the
   removal either returns the value it read before the removal or misses; it never returns a
-  dropped value.
+  dropped value. (An unbounded cache does not bury an entry that ``set`` replaced: nothing
+  else refers to it.)
+- A lookup that finds an expired entry drops it under the lock, and only if the dict still
+  holds that very entry object: a fresher entry that another thread has just set survives.
 - With ``maxsize``, the eviction policy is SIEVE (Zhang et al., NSDI 2024): a FIFO queue of
   entries and a hand that walks from the oldest to the newest, clearing visited bits and
   evicting the first unvisited entry. A hit only sets a bit, so hits stay lock-free, and SIEVE
-  beats LRU on skewed (Zipf) workloads. Entries buried by other means stay in the queue until
-  the hand passes them or the queue is compacted (when the dead outnumber the living).
+  beats LRU on skewed (Zipf) workloads. Buried entries stay in the queue, without their value,
+  until the queue is compacted (when they outnumber the live ones: O(1) amortized).
+- Expired entries that nobody touches are swept when a new key is inserted and some entry is
+  known to have expired (``_next_expiry`` is a lower bound of every expiry), at most once per
+  ``len/2`` sets so that the O(n) sweep costs O(1) per set.
+
+This relies on CPython's GIL making one dict operation or one attribute store atomic, as the
+free-threaded build also guarantees for dicts; the cache has not been verified on that build.
 """
 
 from __future__ import annotations
@@ -224,7 +233,12 @@ class Cache(Generic[K, V]):
 
     With ``maxsize``, a new key that would exceed it first makes the cache drop expired
     entries, then evicts by SIEVE: the oldest entry not looked up since the eviction hand last
-    passed it. Hits survive eviction; an entry that is never looked up again goes first.
+    passed it. Hits survive eviction; an entry that is never looked up again goes first. (The
+    full scan for expired entries runs at most once per ``maxsize/2`` sets; in between, the
+    eviction hand takes any expired entry it passes before a live one.)
+
+    Statistics are exact when the cache is used from one thread; see :class:`CacheStatistics`
+    for what concurrent threads can do to them.
 
     Example::
 
@@ -414,12 +428,12 @@ class Cache(Generic[K, V]):
                 departed = self._retire(old, now)
         finally:
             self._lock.release()
-        if departed:
+        if departed and self._on_evict is not None:
             self._notify(departed)
 
-    def _make_room(self, now: float) -> list[tuple[K, V, EvictionCause]] | None:
+    def _make_room(self, now: float) -> list[tuple[K, V, EvictionCause]]:
         """Before a new key is inserted: drop expired entries, then evict down to maxsize."""
-        departed: list[tuple[K, V, EvictionCause]] | None = None if self._on_evict is None else []
+        departed: list[tuple[K, V, EvictionCause]] = []
         data = self._data
         # Between two sweeps, the eviction hand drops the expired entries it passes.
         if now >= self._next_expiry and 2 * (self._sets - self._swept_at) >= len(data):
@@ -432,7 +446,7 @@ class Cache(Generic[K, V]):
 
     def _retire(self, old: _Entry[K, V], now: float) -> list[tuple[K, V, EvictionCause]] | None:
         """Count and bury an entry that set() replaced; return what to tell ``on_evict``."""
-        departed: list[tuple[K, V, EvictionCause]] | None = None if self._on_evict is None else []
+        departed: list[tuple[K, V, EvictionCause]] = []
         self._bury(old, old.expires <= now, departed, _REPLACED)
         if self._dead > len(self._data):
             self._compact()
@@ -449,7 +463,7 @@ class Cache(Generic[K, V]):
             TypeError: ``key`` is not hashable.
         """
         now = self._clock()
-        departed: list[tuple[K, V, EvictionCause]] | None = None if self._on_evict is None else []
+        departed: list[tuple[K, V, EvictionCause]] = []
         self._lock.acquire()
         try:
             entry = self._data.get(key)  # not pop(): it accepts any key when the dict is empty
@@ -462,7 +476,7 @@ class Cache(Generic[K, V]):
                 self._compact()
         finally:
             self._lock.release()
-        if departed:
+        if departed and self._on_evict is not None:
             self._notify(departed)
         return not expired
 
@@ -508,7 +522,7 @@ class Cache(Generic[K, V]):
             How many entries were dropped.
         """
         now = self._clock()
-        departed: list[tuple[K, V, EvictionCause]] | None = None if self._on_evict is None else []
+        departed: list[tuple[K, V, EvictionCause]] = []
         self._lock.acquire()
         try:
             before = len(self._data)
@@ -518,7 +532,7 @@ class Cache(Generic[K, V]):
                 self._compact()
         finally:
             self._lock.release()
-        if departed:
+        if departed and self._on_evict is not None:
             self._notify(departed)
         return dropped
 
@@ -550,22 +564,25 @@ class Cache(Generic[K, V]):
         self,
         entry: _Entry[K, V],
         expired: bool,
-        departed: list[tuple[K, V, EvictionCause]] | None,
+        departed: list[tuple[K, V, EvictionCause]],
         cause: EvictionCause,
     ) -> None:
-        """Count and bury an entry already taken out of the dict; ``cause`` if not expired."""
+        """Count and bury an entry already taken out of the dict; ``cause`` if not expired.
+
+        ``departed`` keeps the value alive until the lock is released, so that no finalizer
+        (user code) runs under the lock.
+        """
         if expired:
             self._expirations += 1
             cause = _EXPIRED
         elif cause is _SIZE:
             self._evictions += 1
-        if departed is not None:
-            departed.append((entry.key, entry.value, cause))
+        departed.append((entry.key, entry.value, cause))
         entry.bury()
         if self._queue is not None:
             self._dead += 1
 
-    def _sweep(self, now: float, departed: list[tuple[K, V, EvictionCause]] | None) -> None:
+    def _sweep(self, now: float, departed: list[tuple[K, V, EvictionCause]]) -> None:
         """Drop every expired entry and make ``_next_expiry`` exact."""
         data = self._data
         expired: list[_Entry[K, V]] = []
@@ -582,7 +599,7 @@ class Cache(Generic[K, V]):
             del data[entry.key]
             self._bury(entry, True, departed, _EXPIRED)
 
-    def _evict_one(self, now: float, departed: list[tuple[K, V, EvictionCause]] | None) -> None:
+    def _evict_one(self, now: float, departed: list[tuple[K, V, EvictionCause]]) -> None:
         """SIEVE: evict the first entry from the hand on that is unvisited (or expired)."""
         queue = self._queue
         assert queue is not None  # only bounded caches evict

@@ -239,9 +239,13 @@ class TestBasics:
         )
 
     def test_public_names(self) -> None:
-        import darwin_metrics._cache as module
+        import darwin_metrics._cache
+        import darwin_metrics.resource
 
-        assert sorted(module.__all__) == ["Cache", "CacheStatistics", "EvictionCause"]
+        assert darwin_metrics._cache.__all__ == ["Cache", "CacheStatistics", "EvictionCause"]
+        for name in darwin_metrics._cache.__all__:
+            assert name in darwin_metrics.resource.__all__
+            assert getattr(darwin_metrics.resource, name) is getattr(darwin_metrics._cache, name)
 
 
 class TestExpiry:
@@ -568,6 +572,36 @@ class TestOnEvict:
         cache.remove("a")
         assert seen == [("a", None)]
         assert cache.get("moved") == 1
+
+    def test_finalizers_run_outside_the_lock(self) -> None:
+        # A value's __del__ is user code too: if the last reference went under the lock, a
+        # finalizer that uses the cache would deadlock.
+        clock = FakeClock()
+        cache: Cache[str, object] = Cache(10, maxsize=2, clock=clock)
+
+        class UsesTheCache:
+            def __del__(self) -> None:
+                cache.set("from __del__", 0)
+
+        def scenario() -> None:
+            cache.set("removed", UsesTheCache())
+            cache.remove("removed")
+            cache.set("replaced", UsesTheCache())
+            cache.set("replaced", 0)
+            cache.set("evicted", UsesTheCache())
+            cache.set("x", 0)
+            cache.set("y", 0)
+            cache.set("expired", UsesTheCache(), ttl=1)
+            clock.advance(1)
+            cache.clear_expired()
+            cache.set("swept", UsesTheCache(), ttl=1)
+            clock.advance(1)
+            cache.set("z", 0)
+
+        thread = threading.Thread(target=scenario, daemon=True)
+        thread.start()
+        thread.join(THREAD_TIMEOUT)
+        assert not thread.is_alive(), "deadlocked: a finalizer ran under the cache's lock"
 
     def test_errors_are_logged_not_raised(self, caplog: pytest.LogCaptureFixture) -> None:
         def on_evict(key: str, value: int, cause: EvictionCause) -> None:
