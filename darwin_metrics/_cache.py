@@ -2,23 +2,27 @@
 
 How it stays fast and correct under threads:
 
-- Entries are published whole: a ``set`` builds a new :class:`_Entry` (key, value, expiry and a
-  *visited* bit) and stores it in the dict with one assignment. A hit is a dict lookup, one
-  clock call, one comparison and one attribute store (the visited bit); it takes no lock.
+- The dict maps each key to an :class:`_Entry` (key, value, expiry and SIEVE's *visited* bit,
+  64 bytes with ``__slots__``). A hit is a dict lookup, three attribute reads, one clock call,
+  two comparisons and one attribute store (the visited bit); it takes no lock.
 - Every change (set, remove, expiry, eviction) holds one ``threading.Lock``, for a few dict
-  operations; user code (``on_evict``, a loader) always runs after the lock is released.
-- An entry that leaves the cache is *buried*: its expiry becomes ``-inf`` first, then its value
-  is dropped. A reader reads the value before the expiry, so a reader that races with the
-  removal either returns the value it read before the removal or misses; it never returns a
-  dropped value. (An unbounded cache does not bury an entry that ``set`` replaced: nothing
-  else refers to it.)
+  and attribute operations; user code (``on_evict``, a loader) runs after it is released.
+- Writers change an entry under the lock in an order that lock-free readers can validate: a
+  reader reads the expiry, then the value, then the expiry again, and trusts the value only if
+  the expiry is still the same float object and in the future. ``set`` of a held key stores
+  ``-inf`` as the expiry, then the new value, then the new expiry (a new float object, never
+  the old one). An entry that leaves the cache is *buried*: its expiry becomes ``-inf``, then
+  its value is dropped. So a reader racing with a writer returns a value that was live while
+  it read, or misses; it never returns a dropped value or an expired one.
 - A lookup that finds an expired entry drops it under the lock, and only if the dict still
-  holds that very entry object: a fresher entry that another thread has just set survives.
+  holds that very entry object and it is still expired: a fresher value that another thread
+  has just set survives.
 - With ``maxsize``, the eviction policy is SIEVE (Zhang et al., NSDI 2024): a FIFO queue of
   entries and a hand that walks from the oldest to the newest, clearing visited bits and
   evicting the first unvisited entry. A hit only sets a bit, so hits stay lock-free, and SIEVE
-  beats LRU on skewed (Zipf) workloads. Buried entries stay in the queue, without their value,
-  until the queue is compacted (when they outnumber the live ones: O(1) amortized).
+  beats LRU on skewed (Zipf) workloads. A set of a held key keeps its place and counts as a
+  visit. Buried entries stay in the queue, without their value, until the queue is compacted
+  (when they outnumber the live ones: O(1) amortized).
 - Expired entries that nobody touches are swept when a new key is inserted and some entry is
   known to have expired (``_next_expiry`` is a lower bound of every expiry), at most once per
   ``len/2`` sets so that the O(n) sweep costs O(1) per set.
@@ -124,11 +128,11 @@ class CacheStatistics:
 
 
 class _Entry(Generic[K, V]):
-    """One cached value: immutable once published, except for ``visited`` and burial.
+    """One cached value. Changed only under the cache's lock, except for ``visited``.
 
-    Built by ``_new_entry(_Entry)`` and four attribute stores, which costs about two thirds of
-    a call to a Python ``__init__`` on CPython 3.11, where it is the largest cost of a set.
-    With ``__slots__`` an entry takes 64 bytes.
+    Readers take no lock; they validate what they read as the module docstring says. Built by
+    ``_Entry()`` and four attribute stores: without an ``__init__`` that costs about half of a
+    call to a Python ``__init__`` on CPython 3.11. With ``__slots__`` an entry takes 64 bytes.
     """
 
     __slots__ = ("expires", "key", "value", "visited")
@@ -142,12 +146,8 @@ class _Entry(Generic[K, V]):
 
     def bury(self) -> None:
         """Mark an entry that left the cache dead, and drop its value."""
-        # The order matters: lock-free readers read ``value`` before ``expires``.
-        self.expires = _DEAD
+        self.expires = _DEAD  # first: a reader that then sees _GONE sees a changed expiry
         self.value = _GONE
-
-
-_new_entry = object.__new__
 
 
 class _Flight(Generic[V]):
@@ -346,12 +346,15 @@ class Cache(Generic[K, V]):
         """
         entry = self._data.get(key)
         if entry is not None:
-            value = entry.value  # before ``expires``: see _Entry.bury
-            if self._clock() < entry.expires:
+            # A validated read (see _Entry): the expiry, the value, then the same expiry again.
+            expires = entry.expires
+            value = entry.value
+            now = self._clock()
+            if now < expires and entry.expires is expires:
                 entry.visited = True
                 self._hits += 1
                 return value
-            self._drop_expired(key, entry)
+            self._drop_expired(key, entry, now)
         self._misses += 1
         return default
 
@@ -360,9 +363,10 @@ class Cache(Generic[K, V]):
         entry = self._data.get(cast("K", key))  # an unhashable key raises TypeError
         if entry is None:
             return False
-        if self._clock() < entry.expires:
+        now = self._clock()
+        if now < entry.expires:
             return True
-        self._drop_expired(entry.key, entry)
+        self._drop_expired(entry.key, entry, now)
         return False
 
     def __len__(self) -> int:
@@ -376,8 +380,9 @@ class Cache(Generic[K, V]):
         """The live value for ``key``, or ``_MISSING``; counts nothing, changes nothing."""
         entry = self._data.get(key)
         if entry is not None:
+            expires = entry.expires
             value = entry.value
-            if self._clock() < entry.expires:
+            if self._clock() < expires and entry.expires is expires:
                 return value
         return _MISSING
 
@@ -385,6 +390,9 @@ class Cache(Generic[K, V]):
 
     def set(self, key: K, value: V, *, ttl: float | timedelta | None = None) -> None:
         """Cache ``value`` for ``key``, replacing any entry it had.
+
+        The entry is visible for ``ttl`` from now. Replacing the value of a key the cache holds
+        does not move it in the eviction order, and counts as a use of it (like a hit).
 
         Args:
             key: A hashable key.
@@ -398,34 +406,45 @@ class Cache(Generic[K, V]):
         # The hot path: everything inline (a Python call costs as much as a dict operation),
         # the rare work in _make_room.
         now = self._clock()
-        entry: _Entry[K, V] = _new_entry(_Entry)
-        entry.key = key
-        entry.value = value
-        entry.expires = expires = now + (self._ttl if ttl is None else _seconds(ttl, "ttl"))
-        entry.visited = False
+        expires = now + (self._ttl if ttl is None else _seconds(ttl, "ttl"))
         data = self._data
         departed = None
         self._lock.acquire()
         try:
             old = data.get(key)  # raises TypeError for an unhashable key, before any change
             self._sets += 1
-            # A full sweep of expired entries costs O(n): it runs only when some entry has
-            # expired, and at most once per n/2 sets, so that it costs O(1) per set.
-            if old is None and (
-                len(data) >= self._limit
-                or (now >= self._next_expiry and 2 * (self._sets - self._swept_at) >= len(data))
-            ):
-                departed = self._make_room(now)
-            data[key] = entry
+            if old is not None:
+                # Replaced in place, keeping its place in SIEVE's queue, so that readers
+                # validate: the expiry is invalidated first and published last (see _Entry).
+                old_value = old.value  # alive until the lock is released: see _bury
+                old_expires = old.expires
+                old.expires = _DEAD
+                old.value = value
+                old.expires = expires
+                old.visited = True  # SIEVE counts an update as a hit
+                if old_expires <= now:
+                    self._expirations += 1
+                    if self._on_evict is not None:
+                        departed = [(key, old_value, _EXPIRED)]
+                elif self._on_evict is not None:
+                    departed = [(key, old_value, _REPLACED)]
+            else:
+                # A full sweep of expired entries costs O(n): it runs only when some entry has
+                # expired, and at most once per n/2 sets, so that it costs O(1) per set.
+                if len(data) >= self._limit or (
+                    now >= self._next_expiry and 2 * (self._sets - self._swept_at) >= len(data)
+                ):
+                    departed = self._make_room(now)
+                entry: _Entry[K, V] = _Entry()
+                entry.key = key
+                entry.value = value
+                entry.expires = expires
+                entry.visited = False
+                data[key] = entry
+                if self._queue is not None:
+                    self._queue.append(entry)
             if expires < self._next_expiry:
                 self._next_expiry = expires
-            if self._queue is not None:
-                self._queue.append(entry)
-                if old is not None:
-                    departed = self._retire(old, now)
-            elif old is not None and (old.expires <= now or self._on_evict is not None):
-                # An unbounded cache need not bury: nothing else refers to the old entry.
-                departed = self._retire(old, now)
         finally:
             self._lock.release()
         if departed and self._on_evict is not None:
@@ -442,14 +461,6 @@ class Cache(Generic[K, V]):
             self._evict_one(now, departed)
             if self._dead > len(data):
                 self._compact()
-        return departed
-
-    def _retire(self, old: _Entry[K, V], now: float) -> list[tuple[K, V, EvictionCause]] | None:
-        """Count and bury an entry that set() replaced; return what to tell ``on_evict``."""
-        departed: list[tuple[K, V, EvictionCause]] = []
-        self._bury(old, old.expires <= now, departed, _REPLACED)
-        if self._dead > len(self._data):
-            self._compact()
         return departed
 
     def remove(self, key: K) -> bool:
@@ -536,17 +547,18 @@ class Cache(Generic[K, V]):
             self._notify(departed)
         return dropped
 
-    def _drop_expired(self, key: K, entry: _Entry[K, V]) -> None:
-        """Drop ``entry``, found expired by a lock-free lookup, if it is still ``key``'s entry.
+    def _drop_expired(self, key: K, entry: _Entry[K, V], now: float) -> None:
+        """Drop ``entry``, found expired at ``now`` by a lock-free lookup, if it still is.
 
-        The identity check keeps a fresher entry that another thread has just set.
+        It may have been replaced in place, or removed and ``key`` set again, meanwhile: only
+        the very entry object, still expired, is dropped.
         """
         self._lock.acquire()
         try:
-            if self._data.get(key) is not entry:
+            if self._data.get(key) is not entry or entry.expires > now:
                 return
             del self._data[key]
-            value = entry.value
+            value = entry.value  # alive until the lock is released: see _bury
             self._expirations += 1
             entry.bury()
             if self._queue is not None:
@@ -569,8 +581,8 @@ class Cache(Generic[K, V]):
     ) -> None:
         """Count and bury an entry already taken out of the dict; ``cause`` if not expired.
 
-        ``departed`` keeps the value alive until the lock is released, so that no finalizer
-        (user code) runs under the lock.
+        ``departed`` keeps the value alive until the lock is released, so that dropping the
+        last reference to it does not run its finalizer (user code) under the lock.
         """
         if expired:
             self._expirations += 1

@@ -18,6 +18,7 @@ import anyio
 import attrs
 import pytest
 
+import darwin_metrics._cache as cache_module
 from darwin_metrics._cache import Cache, CacheStatistics, EvictionCause
 
 THREAD_TIMEOUT = 10.0
@@ -369,6 +370,79 @@ class TestExpiry:
         assert "k" not in cache
 
 
+class TestLockFreeReads:
+    """A lookup takes no lock: a writer may change the entry between any two of its reads."""
+
+    @staticmethod
+    def interrupt_next_value_read(
+        monkeypatch: pytest.MonkeyPatch, writer: Callable[[], object], *, before: bool
+    ) -> Callable[[], None]:
+        """Return ``arm``: after it, the next read of an entry's value runs ``writer`` first
+        (``before=True``) or just after reading (``before=False``), as another thread could.
+        """
+        armed: list[Callable[[], object]] = []
+        slot = cache_module._Entry.__dict__["value"]  # the slot's descriptor
+
+        class InterruptedEntry(cache_module._Entry[Any, Any]):
+            __slots__ = ()
+
+            @property
+            def value(self) -> Any:
+                if before and armed:
+                    armed.pop()()
+                value = slot.__get__(self)
+                if not before and armed:
+                    armed.pop()()
+                return value
+
+            @value.setter
+            def value(self, value: Any) -> None:
+                slot.__set__(self, value)
+
+        monkeypatch.setattr(cache_module, "_Entry", InterruptedEntry)
+        return lambda: armed.append(writer)
+
+    @pytest.mark.parametrize("maxsize", [None, 10])
+    def test_removed_between_reading_the_expiry_and_the_value(
+        self, monkeypatch: pytest.MonkeyPatch, maxsize: int | None
+    ) -> None:
+        cache: Cache[str, str] = Cache(10, maxsize=maxsize)
+        arm = self.interrupt_next_value_read(monkeypatch, lambda: cache.remove("k"), before=True)
+        cache.set("k", "v")
+        arm()
+        assert cache.get("k") is None  # never the placeholder of a dropped value
+        assert cache.statistics().misses == 1
+
+    def test_replaced_after_reading_an_expired_value(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        clock = FakeClock()
+        cache: Cache[str, str] = Cache(10, clock=clock)
+
+        def writer() -> None:
+            clock.advance(1)  # "v" has expired by the time the reader reads the clock
+            cache.set("k", "new")
+
+        arm = self.interrupt_next_value_read(monkeypatch, writer, before=False)
+        cache.set("k", "v")
+        clock.advance(9.5)
+        arm()
+        assert cache.get("k") is None  # not "v": it expired before the reader's clock read
+        assert cache.get("k") == "new"
+
+    def test_replaced_between_reading_the_expiry_and_the_value(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        cache: Cache[str, str] = Cache(10)
+        arm = self.interrupt_next_value_read(
+            monkeypatch, lambda: cache.set("k", "new"), before=True
+        )
+        cache.set("k", "v")
+        arm()
+        assert cache.get("k") in (None, "new")
+        assert cache.get("k") == "new"
+
+
 class TestEviction:
     def test_bound(self) -> None:
         cache: Cache[int, int] = Cache(60, maxsize=10)
@@ -472,11 +546,14 @@ class TestEviction:
         gc.collect()
         assert [ref() for ref in (removed, replaced, expired, evicted)] == [None] * 4
 
-    def test_the_queue_does_not_grow_with_replacements(self) -> None:
-        # Replaced entries stay in SIEVE's queue until it is compacted; it must be.
-        cache: Cache[int, int] = Cache(60, maxsize=1000)
-        for round_ in range(50_000):
-            cache.set(round_ % 10, round_)
+    def test_the_queue_stays_proportional_to_the_entries(self) -> None:
+        # Entries that leave stay in SIEVE's queue (without their value) until it is compacted.
+        cache: Cache[int, int] = Cache(60, maxsize=100)
+        for key in range(20_000):
+            cache.set(key, key)  # evicts
+            cache.set(-1, key)  # replaces
+            if key % 3 == 0:
+                cache.remove(key)
         queue = cache._queue
         assert queue is not None
         assert len(queue) <= 2 * len(cache) + 1

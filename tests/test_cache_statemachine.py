@@ -259,9 +259,8 @@ class SieveMachine(RuleBasedStateMachine):
     def set(self, key: str) -> None:
         self.cache.set(key, 0)
         if any(k == key for k, _ in self.reference.queue):
-            # A replacement is a new entry at the head of the queue, not yet visited.
-            self.reference.remove(key)
-            self.reference.insert(key)
+            # A replacement keeps its place in the queue and counts as a visit.
+            self.reference.visit(key)
             assert self.reports == [(key, EvictionCause.REPLACED)]
         else:
             evicted = self.reference.insert(key)
