@@ -634,7 +634,16 @@ class Cache(Generic[K, V]):
             break
         self._hand = index
         del self._data[entry.key]
-        self._bury(entry, entry.expires <= now, departed, _SIZE)
+        # _bury inlined: this runs on every insertion into a full cache.
+        if entry.expires <= now:
+            self._expirations += 1
+            departed.append((entry.key, entry.value, _EXPIRED))
+        else:
+            self._evictions += 1
+            departed.append((entry.key, entry.value, _SIZE))
+        entry.expires = _DEAD
+        entry.value = _GONE
+        self._dead += 1
 
     def _compact(self) -> None:
         """Rebuild the queue without its buried entries (once they outnumber the live ones).
@@ -646,7 +655,7 @@ class Cache(Generic[K, V]):
         hand = self._hand
         kept = [entry for entry in queue[:hand] if entry.value is not _GONE]
         self._hand = len(kept)
-        kept.extend(entry for entry in queue[hand:] if entry.value is not _GONE)
+        kept += [entry for entry in queue[hand:] if entry.value is not _GONE]
         self._queue = kept
         self._dead = 0
 
