@@ -3,11 +3,13 @@
 - :class:`ResourcePool`: a pool of reusable resources with cancellation-safe leases.
 - :class:`Cache`: a thread-safe TTL cache with lock-free hits, SIEVE eviction, statistics and
   single-flight loads.
+- :class:`ResourceManager`: usage tracking broadcast to subscribers, a metric cache, samplers.
 """
 
 from __future__ import annotations
 
 from ._cache import Cache, CacheStatistics, EvictionCause
+from ._manager import ResourceManager, ResourceUsage, Subscription, UsageStatistics
 from ._pool import PoolStatistics, ResourcePool
 
 __all__ = [
@@ -15,5 +17,9 @@ __all__ = [
     "CacheStatistics",
     "EvictionCause",
     "PoolStatistics",
+    "ResourceManager",
     "ResourcePool",
+    "ResourceUsage",
+    "Subscription",
+    "UsageStatistics",
 ]
