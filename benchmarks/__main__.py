@@ -1,0 +1,100 @@
+"""``python -m benchmarks [--quick] [--backend asyncio|trio|all] [--json PATH]``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from . import broadcast, cache, pool
+from ._harness import Config, Row, format_table
+
+AREAS = ("pool", "cache", "broadcast")
+PACKAGES = ("darwin-metrics", "anyio", "trio", "cachetools", "theine", "attrs")
+
+
+def machine() -> dict[str, Any]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # noqa: PERF203
+            versions[name] = None
+    return {
+        "python": sys.version,
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+async def _async_rows(config: Config, backend: str, areas: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    if "pool" in areas:
+        rows += await pool.rows(config, backend)
+    if "broadcast" in areas:
+        rows += await broadcast.rows(config, backend)
+    return rows
+
+
+def run(config: Config, backends: Sequence[str], areas: Sequence[str]) -> list[Row]:
+    rows: list[Row] = []
+    if "cache" in areas:
+        rows += cache.rows(config)
+    for backend in backends:
+        # One event loop run per backend: every async row of a backend shares it.
+        rows += anyio.run(_async_rows, config, backend, areas, backend=backend)
+    order = {area: n for n, area in enumerate(AREAS)}
+    return sorted(rows, key=lambda row: order[row.area])  # stable: backends stay grouped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="darwin-metrics against its anchors: ratios measured in one run.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a few seconds, to check it runs")
+    parser.add_argument("--backend", choices=("asyncio", "trio", "all"), default="all")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and every sample here")
+    parser.add_argument(
+        "--only", choices=AREAS, action="append", help="run only this area (repeatable)"
+    )
+    args = parser.parse_args(argv)
+    backends = ("asyncio", "trio") if args.backend == "all" else (args.backend,)
+    areas = tuple(args.only or AREAS)
+    config = Config.make(args.quick)
+
+    started = time.perf_counter()
+    rows = run(config, backends, areas)
+    duration = time.perf_counter() - started
+
+    mode = "quick" if args.quick else "full"
+    print(f"darwin-metrics benchmarks ({mode}, {duration:.0f} s)")
+    print("ratio = ours / anchor, median of interleaved rounds; noise = IQR of those ratios")
+    print(format_table(rows))
+    missed = [row for row in rows if row.met is False]
+    print(f"\ngoals: {sum(row.met is True for row in rows)} met, {len(missed)} missed")
+    if args.json:
+        report = {
+            "mode": mode,
+            "duration_s": duration,
+            "machine": machine(),
+            "config": vars(config),
+            "rows": [row.as_json() for row in rows],
+        }
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The benchmark suite keeps working: ``python -m benchmarks --quick`` runs and reports.
+
+No test here asserts a speed: the figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("cachetools")
+pytest.importorskip("trio")
+
+
+def test_quick_run_reports_every_area(tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(report)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "ratio" in completed.stdout
+
+    data = json.loads(report.read_text(encoding="utf-8"))
+    rows = data["rows"]
+    assert {row["area"] for row in rows} == {"pool", "cache", "broadcast"}
+    assert {row["backend"] for row in rows} >= {"asyncio", "trio"}
+    for row in rows:
+        assert isinstance(row["ours"], float), row
+        assert math.isfinite(row["ours"]), row
+        assert row["ours"] >= 0, row
+        if row["anchor_value"] is not None:
+            assert math.isfinite(row["anchor_value"]), row
+        if row["goal"] is not None:
+            assert row["met"] in (True, False), row
+    names = {row["name"] for row in rows}
+    for expected in (
+        "lease() cycle, uncontended",
+        "get hit, int keys",
+        "set, str keys",
+        "track_resource_usage, 100 subscribers",
+    ):
+        assert expected in names
+    assert any(name.startswith("hit ratio") for name in names)
+    assert any(name.startswith("memory per entry") for name in names)
+    assert any(name.startswith("two threads") for name in names)
+    assert any(name.startswith("contended") for name in names)
+    assert data["machine"]["packages"]["anyio"]
