@@ -6,16 +6,21 @@ An :class:`anyio.CapacityLimiter` holds the *right to hold a resource*. Every le
 token on behalf of its own borrower object (leases cross tasks, and one task may hold several),
 and gives it back when the resource comes back.
 
-- With a ``factory``, the limiter has ``max_size`` tokens. The pool keeps ``idle + leased <=
-  max_size``, so a token holder always finds an idle resource or room to create one.
+- With a ``factory``, the limiter has ``max_size`` tokens. Every resource that is not idle
+  (leased, being created, checked or reset) is held under a token, so a token holder always
+  finds an idle resource or room to create one. Prefill takes a token for each creation too.
+  (After ``resize`` shrinks the pool, leased surplus holds more tokens than there are; such a
+  holder queues again until the surplus has drained.)
 - Without a factory, the limiter has one token per resource the pool owns, so a token holder
   always finds an idle resource, and a pool that owns nothing answers ``None`` at once.
 
 The limiter is strictly FIFO and refuses ``acquire_nowait`` while tasks wait, so a released
 resource goes to the longest waiter and no newcomer can jump the queue; the idle list is only
-storage. State changes never straddle an ``await``: every ``await`` in here either happens
-before the state changes or is undone by an ``except BaseException`` block, and giving back,
-discarding, resetting and disposing run shielded from cancellation.
+storage. State changes that belong together never straddle an ``await``: a resource being
+checked or reset is owned (it counts in ``size`` and in the owned map) but is neither idle nor
+leased until its hook returns; every other ``await`` either comes before the state changes or
+is undone by an ``except BaseException`` block; and giving back, discarding, resetting and
+disposing run shielded from cancellation.
 """
 
 from __future__ import annotations
@@ -218,6 +223,7 @@ class ResourcePool(Generic[T]):
         "_max_lifetime",
         "_max_size",
         "_min_idle",
+        "_owned",
         "_plain_checkout",
         "_plain_return",
         "_reset",
@@ -272,6 +278,8 @@ class ResourcePool(Generic[T]):
 
         self._idle: list[_Entry] = []
         self._leased: dict[int, _Lease] = {}
+        # Every resource the pool owns, by identity: idle, leased, or being checked or reset.
+        self._owned: dict[int, _Entry] = {}
         self._size = 0
         self._creating = 0
         self._closed = False
@@ -398,13 +406,17 @@ class ResourcePool(Generic[T]):
 
     def _new_entry(self, resource: T) -> _Entry:
         """Take ownership of a resource (sync: no await between this and its placement)."""
+        if id(resource) in self._owned:
+            raise RuntimeError(f"the pool already owns {resource!r}: a resource joins it once")
         now = anyio.current_time() if self._needs_clock() else 0.0
         retire_at = math.inf
         if self._max_lifetime is not None:
             retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())
+        entry = _Entry(resource, now, retire_at)
+        self._owned[id(resource)] = entry
         self._size += 1
         self._created += 1
-        return _Entry(resource, now, retire_at)
+        return entry
 
     def _needs_clock(self) -> bool:
         return self._max_lifetime is not None or self._max_idle_time is not None
@@ -412,10 +424,7 @@ class ResourcePool(Generic[T]):
     def _bind(self, lease: _Lease, entry: _Entry) -> None:
         """Record that ``lease`` holds ``entry`` (sync)."""
         lease.entry = entry
-        if self._leased.setdefault(id(entry.resource), lease) is not lease:
-            raise RuntimeError(
-                f"the pool's factory returned {entry.resource!r}, which is already leased"
-            )
+        self._leased[id(entry.resource)] = lease
         self._acquired += 1
         if self._leak_threshold is not None:
             lease.acquired_at = anyio.current_time()
@@ -426,6 +435,7 @@ class ResourcePool(Generic[T]):
 
     def _forget(self, entry: _Entry) -> None:
         """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
+        del self._owned[id(entry.resource)]
         self._size -= 1
         self._disposed += 1
         if self._factory is None and self._limiter is not None:
@@ -470,6 +480,8 @@ class ResourcePool(Generic[T]):
                 resource = await resource
         finally:
             self._creating -= 1
+            if self._min_idle:
+                self._wake_upkeep()  # prefill may have been waiting on this creation
         return self._new_entry(resource)
 
     async def _passes_check(self, entry: _Entry) -> bool:
@@ -509,8 +521,12 @@ class ResourcePool(Generic[T]):
                     if self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
                         await self._drop(entry)
                         continue
-                    if self._check is not None and not await self._passes_check(entry):
-                        continue
+                    if self._check is not None:
+                        if not await self._passes_check(entry):
+                            continue
+                        if self._is_closed():  # closed while the check ran
+                            await self._drop(entry)
+                            raise self._closed_error()
                 elif self._factory is not None and self._size + self._creating < self._max_size:
                     entry = await self._create()
                     if self._is_closed():  # closed while the factory ran
@@ -625,7 +641,9 @@ class ResourcePool(Generic[T]):
         to the next waiter, or back to idle.
 
         Args:
-            timeout: Seconds to wait (including the factory's time); ``None`` waits forever.
+            timeout: Seconds to wait, including the factory's and an async ``check``'s time;
+                ``None`` waits forever. A timeout or cancellation that lands inside an async
+                ``check`` disposes the resource being checked: its state is unknown.
 
         Returns:
             The resource, or ``None`` when waiting could never end: the pool has no factory
@@ -687,6 +705,11 @@ class ResourcePool(Generic[T]):
         exception or by cancellation (giving back is shielded and never lost). If the block
         called :meth:`discard` or :meth:`release` on the resource, the exit does nothing more.
 
+        A block that was cancelled or raised may leave its resource mid-operation (half a
+        request sent). The pool gives it back all the same; make it safe with a ``reset``
+        hook (run on every return) or a ``check`` hook (run on checkout), or call
+        :meth:`discard` in an ``except`` clause when you know it is broken.
+
         Entering is a checkpoint: if it raised, you got nothing; if the block runs, you hold
         the resource. Exiting is not a checkpoint, unless a ``reset`` or ``dispose`` hook
         awaits (shielded).
@@ -714,12 +737,17 @@ class ResourcePool(Generic[T]):
         Raises:
             PoolFullError: Adding a new resource to a pool that owns ``max_size`` resources;
                 nothing changed, and the resource is still yours.
-            ValueError: The resource is already idle in this pool (released twice).
+            ValueError: The resource is already in this pool: idle, or being given back
+                (released twice).
         """
         lease = self._leased.get(id(resource))
         if lease is not None:
             await self._give_back(lease)
             return
+        if id(resource) in self._owned:
+            raise ValueError(
+                f"{resource!r} is already in this pool, idle or being given back (released twice?)"
+            )
         if self._closed:
             await self._dispose_resource(resource)
             return
@@ -728,8 +756,6 @@ class ResourcePool(Generic[T]):
                 f"cannot add {resource!r}: the pool already owns max_size={self._max_size} "
                 "resources"
             )
-        if any(entry.resource is resource for entry in self._idle):
-            raise ValueError(f"{resource!r} is already idle in this pool (released twice?)")
         limiter = self._limiter or self._get_limiter()
         self._idle.append(self._new_entry(resource))
         if self._factory is None:
@@ -761,9 +787,9 @@ class ResourcePool(Generic[T]):
         del self._leased[id(entry.resource)]
         lease.entry = None
         if self._leak_threshold is not None and not lease.warned:
-            held = anyio.current_time() - lease.acquired_at
-            if held > self._leak_threshold:
-                self._warn_leak(entry.resource, lease, held)
+            now = anyio.current_time()
+            if now >= lease.acquired_at + self._leak_threshold:
+                self._warn_leak(entry.resource, lease, now - lease.acquired_at)
         if self._watchers:
             self._notify()
 
@@ -781,10 +807,10 @@ class ResourcePool(Generic[T]):
             and self._size <= self._max_size
             and (self._max_lifetime is None or entry.retire_at > anyio.current_time())
         ):
+            self._idle.append(entry)
             if self._max_idle_time is not None or self._max_lifetime is not None:
                 entry.idle_since = anyio.current_time()
                 self._schedule_upkeep(self._entry_due(entry))
-            self._idle.append(entry)
             self._release_token(lease)
             return
         self._forget(entry)
@@ -827,6 +853,7 @@ class ResourcePool(Generic[T]):
             surplus.append(entry)
         if self._watchers:
             self._notify()
+        self._wake_upkeep()
         for entry in surplus:
             await self._dispose_resource(entry.resource)
 
@@ -941,13 +968,15 @@ class ResourcePool(Generic[T]):
                         logger.exception("prefill failed; retrying in %.3g s", backoff)
                     else:
                         backoff = 0.0
+                now = anyio.current_time()
                 due = self._next_due()
-                if len(self._idle) < self._min_idle:
+                if retry_prefill_at > now and len(self._idle) < self._min_idle:
                     due = min(due, retry_prefill_at)
+                # Anything else that needs upkeep sooner (a checkout below min_idle, a
+                # creation that ended, a resize) sets the wake-up event.
                 self._upkeep_due = due
-                delay = due - anyio.current_time()
-                if delay > 0:
-                    with anyio.move_on_after(delay):
+                if due > now:
+                    with anyio.move_on_after(due - now):
                         await wakeup.wait()
                 else:
                     await checkpoint()
@@ -964,7 +993,7 @@ class ResourcePool(Generic[T]):
                 if entry.retire_at <= now or (
                     removable > 0
                     and self._max_idle_time is not None
-                    and now - entry.idle_since >= self._max_idle_time
+                    and now >= entry.idle_since + self._max_idle_time
                 ):
                     doomed.append(entry)
                     removable -= 1
@@ -975,9 +1004,12 @@ class ResourcePool(Generic[T]):
                 self._forget(entry)
         if self._leak_threshold is not None:
             for lease in self._leased.values():
-                held = now - lease.acquired_at
-                if not lease.warned and held > self._leak_threshold and lease.entry is not None:
-                    self._warn_leak(lease.entry.resource, lease, held)
+                if (
+                    not lease.warned
+                    and lease.entry is not None
+                    and now >= lease.acquired_at + self._leak_threshold
+                ):
+                    self._warn_leak(lease.entry.resource, lease, now - lease.acquired_at)
         return doomed
 
     def _entry_due(self, entry: _Entry) -> float:
@@ -993,24 +1025,44 @@ class ResourcePool(Generic[T]):
         if self._leak_threshold is not None:
             for lease in self._leased.values():
                 if not lease.warned:
-                    # Strictly past the threshold: warn just after it.
-                    due = min(
-                        due, math.nextafter(lease.acquired_at + self._leak_threshold, math.inf)
-                    )
+                    # The very expression _collect_expired tests, so rounding can't make
+                    # upkeep wake before it is due, again and again.
+                    due = min(due, lease.acquired_at + self._leak_threshold)
         return due
 
     async def _prefill(self) -> None:
+        """Create idle resources up to ``min_idle``, each under a capacity token.
+
+        Holding a token while creating keeps the limiter's promise that every token holder
+        finds an idle resource or room to create one; releasing it after the resource is
+        idle hands the new resource to the longest waiter, if any. When tasks are waiting
+        (no token to be had), prefill stands back: they create their own.
+        """
+        limiter = self._limiter
+        assert limiter is not None
         while (
             not self._closed
             and self._factory is not None
             and len(self._idle) + self._creating < self._min_idle
             and self._size + self._creating < self._max_size
         ):
-            entry = await self._create()
-            if self._is_closed():  # closed while the factory ran
-                await self._drop(entry)
+            borrower = _Lease()
+            try:
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            except WouldBlock:
                 return
+            try:
+                entry = await self._create()
+            except BaseException:
+                limiter.release_on_behalf_of(borrower)
+                raise
+            if self._is_closed() or self._size > self._max_size:  # closed or shrunk meanwhile
+                self._forget(entry)
+                limiter.release_on_behalf_of(borrower)
+                await self._dispose_resource(entry.resource)
+                continue
             self._idle.append(entry)
+            limiter.release_on_behalf_of(borrower)
 
 
 class _LeaseContext(_Lease, Generic[T]):

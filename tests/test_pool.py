@@ -114,9 +114,13 @@ class TestSeed:
         pool: ResourcePool[list[int]] = ResourcePool(3)
         item: list[int] = []
         await pool.release(item)
-        with pytest.raises(ValueError, match="already idle"):
+        with pytest.raises(ValueError, match="already in this pool"):
             await pool.release(item)
         assert pool.statistics().size == 1
+        full: ResourcePool[str] = ResourcePool(1)
+        await full.release("x")
+        with pytest.raises(ValueError, match="released twice"):  # not PoolFullError
+            await full.release("x")
 
     async def test_giving_back_a_leased_resource_always_succeeds(self) -> None:
         pool: ResourcePool[str] = ResourcePool(1)
@@ -941,3 +945,142 @@ class TestBadInput:
         assert pool.max_size == 3
         with pytest.raises(TypeError, match="predicate"):
             await pool.retain(None)  # type: ignore[arg-type]
+
+
+class TestRegressions:
+    """Bugs found by review and by the storms, kept as tests."""
+
+    async def test_a_single_idle_resource_is_reaped(self) -> None:
+        factory = Factory()
+        async with ResourcePool(
+            2, factory=factory, dispose=factory.dispose, max_idle_time=10
+        ) as pool:
+            await anyio.sleep(1)  # upkeep sleeps with nothing due
+            resource = await pool.acquire()
+            assert resource is not None
+            await pool.release(resource)
+            await anyio.sleep(100)
+            assert resource.closed
+
+    async def test_upkeep_does_not_spin_while_prefill_cannot_progress(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        iterations = 0
+        collect = ResourcePool._collect_expired
+
+        def counting(pool: ResourcePool[Any]) -> list[Any]:
+            nonlocal iterations
+            iterations += 1
+            return collect(pool)
+
+        monkeypatch.setattr(ResourcePool, "_collect_expired", counting)
+        async with ResourcePool(1, factory=Factory(), min_idle=1) as pool:
+            async with pool.lease():
+                for _ in range(200):
+                    await anyio.lowlevel.checkpoint()
+                await anyio.sleep(1)
+            assert iterations < 10
+
+    async def test_acquire_does_not_spin_while_prefill_creates(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        gate = anyio.Event()
+        calls = 0
+
+        async def factory() -> Resource:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await gate.wait()
+            return Resource(calls)
+
+        waits = 0
+        original = ResourcePool._wait_for_token
+
+        async def counting(pool: ResourcePool[Any], lease: Any) -> bool:
+            nonlocal waits
+            waits += 1
+            return await original(pool, lease)
+
+        monkeypatch.setattr(ResourcePool, "_wait_for_token", counting)
+        async with ResourcePool(1, factory=factory, min_idle=1) as pool:
+            await anyio.lowlevel.checkpoint()  # prefill is now blocked in the factory
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.acquire)
+                for _ in range(200):
+                    await anyio.lowlevel.checkpoint()
+                gate.set()
+            assert waits <= 1
+            assert calls == 1  # the waiter got the prefilled resource
+
+    async def test_close_during_an_async_check_raises_closed(self) -> None:
+        started, go = anyio.Event(), anyio.Event()
+
+        async def check(resource: object) -> bool:
+            started.set()
+            await go.wait()
+            return True
+
+        pool: ResourcePool[str] = ResourcePool(1, check=check)
+        await pool.release("r")
+        got: list[object] = []
+
+        async def taker() -> None:
+            try:
+                got.append(await pool.acquire())
+            except PoolClosedError as exc:
+                got.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(taker)
+            await started.wait()
+            await pool.aclose()
+            go.set()
+        assert isinstance(got[0], PoolClosedError)
+        assert assert_invariants(pool).size == 0
+
+    async def test_double_release_during_an_async_reset_is_an_error(self) -> None:
+        pool = ResourcePool(3, factory=Factory(), reset=_async_none)
+        resource = await pool.acquire()
+        errors: list[BaseException] = []
+
+        async def release() -> None:
+            try:
+                await pool.release(resource)
+            except ValueError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release)
+            tg.start_soon(release)
+        assert len(errors) == 1
+        stats = assert_invariants(pool)
+        assert (stats.size, stats.idle) == (1, 1)
+        a, b = await pool.acquire(), await pool.acquire()
+        assert a is not b
+
+    async def test_leak_due_time_survives_float_rounding(self) -> None:
+        with anyio.fail_after(30):  # a spinning upkeep never lets virtual time move
+            async with ResourcePool(1, factory=Factory(), leak_threshold=0.7) as pool:
+                await anyio.sleep(0.2)
+                async with pool.lease():
+                    await anyio.sleep(1)
+
+    async def test_idle_due_time_survives_float_rounding(self) -> None:
+        with anyio.fail_after(30):
+            async with ResourcePool[str](1, max_idle_time=0.1) as pool:
+                await anyio.sleep(0.7)
+                await pool.release("r")
+                await anyio.sleep(1)
+                assert pool.statistics().size == 0
+
+    async def test_factory_returning_an_owned_object_leaks_no_slot(self) -> None:
+        one = Resource(0)
+        pool = ResourcePool(2, factory=lambda: one)
+        assert await pool.acquire() is one
+        with pytest.raises(RuntimeError, match="already owns"):
+            await pool.acquire()
+        stats = assert_invariants(pool)
+        assert (stats.size, stats.leased) == (1, 1)
+        assert pool._limiter is not None
+        assert pool._limiter.borrowed_tokens == 1
