@@ -17,8 +17,8 @@ object is created per subscriber and nothing awaits per subscriber.
   tasks track at once; a call that gives up (timeout, cancellation) withdraws its event from
   the backlogs it had not reached, so no subscriber receives one event twice.
 
-State changes never straddle an ``await``: the statistics are replaced by a new frozen snapshot
-in one assignment, and the fan-out runs without awaiting.
+State changes never straddle an ``await``: a resource type's statistics are replaced in one
+assignment, and the fan-out runs without awaiting.
 """
 
 from __future__ import annotations
@@ -561,6 +561,10 @@ class ResourceManager:
         cleanup_interval: Seconds between two runs of :meth:`cleanup_cache` inside
             ``async with``; defaults to ``cache_ttl``.
         cache_clock: The metric cache's clock, in seconds (a fake one in tests).
+
+    Raises:
+        TypeError: An argument has the wrong type (a bool is not a number of seconds).
+        ValueError: ``cache_ttl`` or ``cleanup_interval`` is zero, negative or not finite.
     """
 
     __slots__ = (
