@@ -45,13 +45,12 @@ from anyio.lowlevel import checkpoint
 
 from ._cache import Cache
 from ._errors import TrackingTimeoutError
+from ._pool import ResourcePool
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from typing_extensions import Self
-
-    from ._pool import ResourcePool
 
 __all__ = ["OverflowPolicy", "ResourceManager", "ResourceUsage", "Subscription", "UsageStatistics"]
 
@@ -811,9 +810,13 @@ class ResourceManager:
 
         Raises:
             RuntimeError: Called outside ``async with manager:``.
+            TypeError: ``name`` is not a str or ``pool`` is not a ResourcePool.
+            ValueError: ``name`` is empty or ``interval`` is not finite and positive.
         """
         task_group = self._running_task_group("watch_pool")
         resource_type = "pool:" + _check_resource_type(name, "name")
+        if not isinstance(pool, ResourcePool):
+            raise TypeError(f"pool must be a ResourcePool, got {type(pool).__name__}")
         scope = CancelScope()
         if interval is None:
             watcher = _PoolWatcher(pool)  # watches from now on: no change is missed

@@ -835,6 +835,9 @@ class TestBadInput:
                 manager.watch_pool(bad_name, pool)
             with pytest.raises(ValueError, match="name"):
                 manager.watch_pool("", pool)
+            not_a_pool: Any = object()
+            with pytest.raises(TypeError, match="pool must be a ResourcePool"):
+                manager.watch_pool("db", not_a_pool)
             with pytest.raises(ValueError, match="interval"):
                 manager.watch_pool("db", pool, interval=0)
             with pytest.raises(ValueError, match="interval"):
