@@ -1,0 +1,112 @@
+"""Every example runs on both backends, finishes by itself and shows what it says it shows.
+
+The README's Python snippets run too, each in a fresh interpreter, so that none goes stale.
+These are plain subprocess tests: real time, real sockets, no anyio fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+BACKENDS = ["asyncio", "trio"]
+TIMEOUT = 60  # seconds; each example takes one to three
+
+pytest.importorskip("trio")
+
+# What each example must print, beyond exiting with status 0.
+EXPECTED = {
+    "pool_leases.py": [
+        "echo server listening on 127.0.0.1:",
+        "twenty tasks share three connections",
+        "PoolTimeoutError",
+        "discard it",
+        "timeouts: 1",
+        "disposed: 2",
+    ],
+    "ttl_cache.py": [
+        "10 answers {144}, 1 computation",
+        "computed it again: 2 computations",
+        "(expired)",
+        "(size)",
+        "hit_ratio=",
+    ],
+    "usage_broadcast.py": ["received 100, missed   0", "slow", "usage statistics:", "mean="],
+    "system_monitor.py": ["cpu", "memory", "pool:workers", "usage statistics:", "peak="],
+}
+
+
+def _env() -> dict[str, str]:
+    # The examples import darwin_metrics from this checkout, installed or not.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "error"}
+
+
+def test_every_example_is_tested() -> None:
+    assert sorted(path.name for path in EXAMPLES.glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("example", sorted(EXPECTED))
+def test_example_runs(example: str, backend: str) -> None:
+    if example == "system_monitor.py":
+        pytest.importorskip("psutil")
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / example), "--backend", backend],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    for text in EXPECTED[example]:
+        assert text in completed.stdout, f"{text!r} not in the output:\n{completed.stdout}"
+
+
+def test_example_rejects_an_unknown_backend() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ttl_cache.py"), "--backend", "curio"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "invalid choice: 'curio'" in completed.stderr
+
+
+def readme_snippets() -> list[str]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"^```python\n(.*?)^```$", readme, flags=re.MULTILINE | re.DOTALL)
+
+
+def test_readme_has_snippets() -> None:
+    assert len(readme_snippets()) >= 3  # the pool, the cache and the manager
+
+
+@pytest.mark.parametrize("number", range(len(readme_snippets())))
+def test_readme_snippet_runs(number: int, tmp_path: Path) -> None:
+    script = tmp_path / f"snippet_{number}.py"
+    script.write_text(readme_snippets()[number], encoding="utf-8")
+    completed = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
