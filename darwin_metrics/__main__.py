@@ -171,7 +171,11 @@ def monitor(options: MonitorOptions) -> int:
 
         recorder = Console(record=True, width=_SVG_WIDTH, file=io.StringIO())
         recorder.print(render_view(statistics, interval=options.interval, elapsed=elapsed))
-        recorder.save_svg(options.save_svg, title="darwin-metrics monitor")
+        try:
+            recorder.save_svg(options.save_svg, title="darwin-metrics monitor")
+        except OSError as error:
+            print(f"darwin-metrics monitor: cannot save the SVG: {error}", file=sys.stderr)
+            return status or 1
     return status
 
 

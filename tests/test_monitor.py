@@ -113,6 +113,15 @@ class TestLiveView:
         assert "cpu" in svg
         assert "memory" in svg
 
+    def test_save_svg_where_it_cannot(self, tmp_path: Path) -> None:
+        picture = tmp_path / "missing" / "monitor.svg"
+        completed = monitor(
+            "--json", "--interval", "0.1", "--duration", "0.1", "--save-svg", str(picture)
+        )
+        assert completed.returncode == 1
+        assert "cannot save the SVG" in completed.stderr
+        assert "Traceback" not in completed.stderr
+
     def test_render_view(self) -> None:
         from rich.console import Console
 
