@@ -492,22 +492,33 @@ class _PoolWatcher:
         self.changed.set()
 
 
-async def _read_system() -> list[tuple[str, float]]:
-    """Read the system's usage with psutil.
+class _SystemReader:
+    """Reads the system's usage with psutil, one round per call.
 
-    CPU, memory and swap come from procfs-like sources in microseconds and are read here, in
-    the event loop's thread (``cpu_percent`` measures since the previous call *in the same
+    CPU, memory and swap come from procfs-like sources in microseconds and are read in the
+    event loop's thread (``cpu_percent`` measures since the previous call *in the same
     thread*). Disks are read in a worker thread: ``statvfs`` on a stale network mount blocks.
+    The first round has no ``cpu``: a reading microseconds after the priming call covers
+    almost no time and says about 0.
     """
-    import psutil
 
-    readings = [
-        ("cpu", float(psutil.cpu_percent(interval=None))),
-        ("memory", float(psutil.virtual_memory().percent)),
-        ("swap", float(psutil.swap_memory().percent)),
-    ]
-    readings += await anyio.to_thread.run_sync(_read_disks)
-    return readings
+    def __init__(self) -> None:
+        import psutil
+
+        psutil.cpu_percent(interval=None)  # the first call only starts the measurement
+        self._primed = False
+
+    async def __call__(self) -> list[tuple[str, float]]:
+        import psutil
+
+        readings = []
+        if self._primed:
+            readings.append(("cpu", float(psutil.cpu_percent(interval=None))))
+        self._primed = True
+        readings.append(("memory", float(psutil.virtual_memory().percent)))
+        readings.append(("swap", float(psutil.swap_memory().percent)))
+        readings += await anyio.to_thread.run_sync(_read_disks)
+        return readings
 
 
 def _read_disks() -> list[tuple[str, float]]:
@@ -860,9 +871,9 @@ class ResourceManager:
                 'sample_system() needs psutil: pip install "darwin-metrics[system]"',
                 name="psutil",
             ) from exc
-        psutil.cpu_percent(interval=None)  # the first call only starts the measurement
+        del psutil  # imported to fail early, with the hint above
         scope = CancelScope()
-        task_group.start_soon(self._sample_periodically, _read_system, seconds, scope)
+        task_group.start_soon(self._sample_periodically, _SystemReader(), seconds, scope)
         return scope
 
     async def _sample_periodically(
