@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds, to check it runs")
     parser.add_argument("--backend", choices=("asyncio", "trio", "all"), default="all")
     parser.add_argument("--json", metavar="PATH", help="write the rows and every sample here")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
     parser.add_argument(
         "--only", choices=AREAS, action="append", help="run only this area (repeatable)"
     )
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     missed = [row for row in rows if row.met is False]
     print(f"\ngoals: {sum(row.met is True for row in rows)} met, {len(missed)} missed")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as file:
+            file.write(format_table(rows, markdown=True) + "\n")
     if args.json:
         report = {
             "mode": mode,
