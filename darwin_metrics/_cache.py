@@ -775,7 +775,9 @@ class Cache(Generic[K, V]):
         lookup); a miss is a checkpoint. A task cancelled while it waits for another task's
         load gets nothing and changes nothing; the load goes on for the others. If the task
         running ``load`` is cancelled, nothing is cached and the tasks waiting for it are not
-        stranded: one of them runs ``load`` instead.
+        stranded: one of them runs ``load`` instead. The same holds when ``load`` raises a
+        :class:`BaseException` that is not an :class:`Exception` (``KeyboardInterrupt``):
+        it propagates from the loading task only, and a waiter loads instead.
 
         Args:
             key: A hashable key.

@@ -23,12 +23,15 @@ assignment, and the fan-out runs without awaiting.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import numbers
+import sys
+import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -46,6 +49,7 @@ from anyio.lowlevel import checkpoint
 from ._cache import Cache
 from ._errors import TrackingTimeoutError
 from ._pool import ResourcePool
+from ._tasks import exit_task_group
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -127,7 +131,10 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
         raise TypeError(
             f"{name} must be a number of seconds, got {type(value).__name__} {value!r}"
         )
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         wanted = "finite and not negative" if allow_zero else "finite and positive"
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
@@ -291,6 +298,39 @@ class _Channel:
                 turn.set()
 
 
+def _loop_scheduler() -> Callable[[Callable[[], object]], object] | None:
+    """A thread-safe way to run a callback in the running event loop, if there is one."""
+    try:
+        return asyncio.get_running_loop().call_soon_threadsafe
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            run_sync_soon: Callable[[Callable[[], object]], object] = (
+                trio.lowlevel.current_trio_token().run_sync_soon
+            )
+        except RuntimeError:
+            return None
+        return run_sync_soon
+    return None
+
+
+def _close_channel(
+    channel: _Channel,
+    thread: int,
+    schedule: Callable[[Callable[[], object]], object] | None,
+) -> None:
+    """Close a channel in its event loop's thread (a Subscription's finalizer)."""
+    if schedule is None or threading.get_ident() == thread:
+        channel.close()
+        return
+    try:
+        schedule(channel.close)
+    except RuntimeError:  # that event loop has finished: nothing else uses the channel
+        channel.close()
+
+
 class Subscription:
     """A subscriber's feed of :class:`ResourceUsage` events, made by ``manager.subscribe()``.
 
@@ -314,7 +354,11 @@ class Subscription:
         self._channel = channel
         # Events taken from the stream but not yet handed out (a cancelled checkpoint).
         self._pending: deque[ResourceUsage] = deque()
-        self._finalizer = weakref.finalize(self, channel.close)
+        # The finalizer may run in any thread that triggers garbage collection; it closes the
+        # channel in the thread of the event loop that subscribed.
+        self._finalizer = weakref.finalize(
+            self, _close_channel, channel, threading.get_ident(), _loop_scheduler()
+        )
 
     @property
     def missed(self) -> int:
@@ -338,7 +382,9 @@ class Subscription:
 
     @property
     def buffered(self) -> int:
-        """Events received for this subscriber and not yet taken out."""
+        """Events received for this subscriber and not yet taken out (0 once closed)."""
+        if self._channel.state == "closed":
+            return 0
         stats = self._channel.receive_stream.statistics()
         return len(self._pending) + stats.current_buffer_used
 
@@ -460,10 +506,9 @@ class Subscription:
         channel = self._channel
         stats = channel.receive_stream.statistics()
         size = "∞" if math.isinf(stats.max_buffer_size) else int(stats.max_buffer_size)
-        buffered = len(self._pending) + stats.current_buffer_used
         return (
             f"<darwin_metrics.Subscription at {id(self):#x}, {self.overflow}, "
-            f"{buffered}/{size} buffered, {channel.missed} missed, {channel.state}>"
+            f"{self.buffered}/{size} buffered, {channel.missed} missed, {channel.state}>"
         )
 
 
@@ -517,7 +562,8 @@ class _SystemReader:
         self._primed = True
         readings.append(("memory", float(psutil.virtual_memory().percent)))
         readings.append(("swap", float(psutil.swap_memory().percent)))
-        readings += await anyio.to_thread.run_sync(_read_disks)
+        # Abandoned on cancellation: a hung statvfs must not hold up the manager's exit.
+        readings += await anyio.to_thread.run_sync(_read_disks, abandon_on_cancel=True)
         return readings
 
 
@@ -530,7 +576,9 @@ def _read_disks() -> list[tuple[str, float]]:
             usage = psutil.disk_usage(partition.mountpoint)
         except OSError:  # vanished, or not readable by us
             continue
-        readings.append((f"disk:{partition.mountpoint}", float(usage.percent)))
+        percent = float(usage.percent)
+        if math.isfinite(percent) and percent >= 0:  # some FUSE mounts report nonsense
+            readings.append((f"disk:{partition.mountpoint}", percent))
     return readings
 
 
@@ -665,8 +713,8 @@ class ResourceManager:
 
         Checkpoint: yes. Cancellation: if the first checkpoint is cancelled, nothing was
         recorded. If it is cancelled while waiting for a ``"wait"`` subscriber, the usage
-        stays recorded and delivered to the others, and the subscribers it had not reached
-        never receive it.
+        stays recorded and delivered to the others; a ``"wait"`` subscriber it had not reached
+        either never receives it or took it just as the cancellation landed (never twice).
         """
         resource_type = _check_resource_type(resource_type)
         value = _check_usage(usage)
@@ -692,7 +740,8 @@ class ResourceManager:
 
         Raises:
             TrackingTimeoutError: The time ran out. The statistics keep the usage and the
-                subscribers that received it keep it; the others never receive it.
+                subscribers that received it keep it; a ``"wait"`` subscriber still waiting
+                for room never receives it (one may take it just as the time runs out).
             TypeError: An argument has the wrong type; nothing was recorded or delivered.
             ValueError: An argument is out of range; nothing was recorded or delivered.
 
@@ -732,7 +781,22 @@ class ResourceManager:
     def _fan_out(self, event: ResourceUsage) -> list[_Channel] | None:
         """Send ``event`` to every subscriber that can take it now; return the others."""
         blocked: list[_Channel] | None = None
-        channels = iter(self._channels)
+        try:
+            return self._fan_out_to(event, iter(self._channels), blocked)
+        except BaseException:
+            # Nothing will deliver the reservations made so far: withdraw them, or each of
+            # those subscribers would wait behind this event forever.
+            for channel in self._channels:
+                if channel.wait:
+                    _remove_identical(channel.backlog, event)
+            raise
+
+    def _fan_out_to(
+        self,
+        event: ResourceUsage,
+        channels: Iterator[_Channel],
+        blocked: list[_Channel] | None,
+    ) -> list[_Channel] | None:
         while True:
             try:  # around the loop, which resumes after each handled exception
                 for channel in channels:
@@ -744,9 +808,13 @@ class ResourceManager:
                         blocked = []
                     blocked.append(channel)
                 else:
-                    channel.receive_nowait()  # the oldest event makes room
-                    channel.missed += 1
-                    channel.send_nowait(event)
+                    try:
+                        channel.receive_nowait()  # the oldest event makes room
+                        channel.missed += 1
+                        channel.send_nowait(event)
+                    except (BrokenResourceError, ClosedResourceError, EndOfStream):
+                        # Closed meanwhile (a finalizer ran when raising WouldBlock allocated).
+                        self._discard(channel)
                 continue
             except (BrokenResourceError, ClosedResourceError):
                 self._discard(channel)
@@ -912,7 +980,7 @@ class ResourceManager:
             self.cleanup_cache()
 
     async def __aenter__(self) -> Self:
-        """Start the upkeep task group. Checkpoint: yes (as entering a task group is)."""
+        """Start the upkeep task group. Not a checkpoint."""
         if self._task_group is not None:
             raise RuntimeError(f"{self!r} is already running: enter it only once at a time")
         task_group = anyio.create_task_group()
@@ -936,7 +1004,7 @@ class ResourceManager:
             raise RuntimeError(f"{self!r} was not entered")
         try:
             task_group.cancel_scope.cancel()
-            return await task_group.__aexit__(exc_type, exc_val, exc_tb)
+            return await exit_task_group(task_group, exc_type, exc_val, exc_tb)
         finally:
             self._task_group = None
             for watcher in list(self._watchers):  # a sampler cancelled before it started

@@ -43,6 +43,7 @@ from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from ._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
+from ._tasks import exit_task_group
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -925,7 +926,7 @@ class ResourcePool(Generic[T]):
             await self.aclose()
         finally:
             self._task_group = None
-            result = await task_group.__aexit__(exc_type, exc_value, traceback)
+            result = await exit_task_group(task_group, exc_type, exc_value, traceback)
         return result
 
     # ------------------------------------------------------------------ upkeep

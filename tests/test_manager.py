@@ -847,3 +847,155 @@ class TestBadInput:
             async with pool.lease():
                 pass
         assert manager.usage_statistics() == {}
+
+
+class TestRegressions:
+    """Bugs found in review, kept as tests."""
+
+    async def test_a_subscription_closed_during_the_fan_out_is_dropped(self) -> None:
+        manager = ResourceManager()
+        waiting = manager.subscribe(buffer_size=1, overflow="wait")
+        lossy = manager.subscribe(buffer_size=1)
+        await manager.track_resource_usage("cpu", 0)  # both buffers are full now
+        channel = lossy._channel
+        real = channel.send_nowait
+
+        def send_nowait(event: ResourceUsage) -> None:
+            # As if garbage collection ran the subscription's finalizer right here.
+            channel.send_nowait = real
+            channel.close()
+            raise anyio.WouldBlock
+
+        channel.send_nowait = send_nowait
+
+        async def drain_later() -> None:
+            await anyio.wait_all_tasks_blocked()
+            waiting.drain()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain_later)
+            await manager.track_resource_usage("cpu", 1)  # no ClosedResourceError
+        assert manager.subscriber_count == 1
+        waiting.drain()
+        with anyio.fail_after(5):  # no reservation was left behind to block this one
+            await manager.track_resource_usage("cpu", 2)
+        assert values(waiting.drain()) == [2.0]
+
+    async def test_an_error_in_the_fan_out_withdraws_its_reservations(self) -> None:
+        manager = ResourceManager()
+        waiting = manager.subscribe(buffer_size=1, overflow="wait")
+        broken = manager.subscribe(buffer_size=1)
+        await manager.track_resource_usage("cpu", 0)
+
+        def explode(event: ResourceUsage) -> None:
+            raise RuntimeError("boom")
+
+        broken._channel.send_nowait = explode
+        with pytest.raises(RuntimeError, match="boom"):
+            await manager.track_resource_usage("cpu", 1)
+        assert len(waiting._channel.backlog) == 0
+        broken.close()
+        waiting.drain()
+        with anyio.fail_after(5):
+            await manager.track_resource_usage("cpu", 2)
+
+    @pytest.mark.real_time
+    async def test_a_subscription_collected_in_another_thread_closes_in_its_loop(
+        self,
+    ) -> None:
+        manager = ResourceManager()
+        subscription = manager.subscribe(buffer_size=1, overflow="wait")
+        cycle: dict[str, Any] = {"subscription": subscription}
+        cycle["self"] = cycle  # only the cycle collector frees it
+        await manager.track_resource_usage("cpu", 1)
+        done = anyio.Event()
+
+        async def track() -> None:
+            await manager.track_resource_usage("cpu", 2)  # waits: the buffer is full
+            done.set()
+
+        gc.disable()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(track)
+                await anyio.wait_all_tasks_blocked()
+                del subscription, cycle
+                await anyio.to_thread.run_sync(gc.collect)
+                with anyio.fail_after(5):
+                    await done.wait()
+        finally:
+            gc.enable()
+        assert manager.subscriber_count == 0
+
+    @pytest.mark.parametrize(
+        "make",
+        [
+            lambda: ResourceManager(cache_ttl=10**400),
+            lambda: ResourceManager(cleanup_interval=10**400),
+        ],
+    )
+    async def test_huge_ints_are_value_errors(self, make: Any) -> None:
+        with pytest.raises(ValueError, match="finite"):
+            make()
+        manager = ResourceManager()
+        with pytest.raises(ValueError, match="timeout"):
+            await manager.track_resource_usage_with_timeout("cpu", 1, 10**400)
+
+    async def test_a_nonsense_disk_reading_is_skipped(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        psutil = pytest.importorskip("psutil")
+
+        class Partition:
+            mountpoint = "/mnt/fuse"
+
+        class Usage:
+            percent = -5.0
+
+        monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [Partition()])
+        monkeypatch.setattr(psutil, "disk_usage", lambda path: Usage())
+        from darwin_metrics._manager import _read_disks
+
+        assert _read_disks() == []
+
+    async def test_a_block_raising_comes_out_unwrapped(self) -> None:
+        with pytest.raises(KeyError, match="mine"):
+            async with ResourceManager():
+                raise KeyError("mine")
+
+    @pytest.mark.real_time
+    async def test_exit_does_not_wait_for_a_hung_disk_read(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        pytest.importorskip("psutil")
+        import threading
+
+        import darwin_metrics._manager as manager_module
+
+        release = threading.Event()
+        entered = threading.Event()
+
+        def hung() -> list[tuple[str, float]]:
+            entered.set()
+            release.wait()  # a stale network mount
+            return []
+
+        monkeypatch.setattr(manager_module, "_read_disks", hung)
+        try:
+            with anyio.fail_after(5):
+                async with ResourceManager() as manager:
+                    manager.sample_system(interval=1)
+                    await anyio.to_thread.run_sync(entered.wait)
+            assert not release.is_set()  # exit came while the read still hung
+        finally:
+            release.set()
+
+    async def test_a_closed_subscription_reports_nothing_buffered(self) -> None:
+        manager = ResourceManager()
+        subscription = manager.subscribe()
+        await manager.track_resource_usage("cpu", 1)
+        assert subscription.buffered == 1
+        subscription.close()
+        assert subscription.buffered == 0
+        assert "0/100 buffered" in repr(subscription)
+        assert subscription.drain() == []

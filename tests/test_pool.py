@@ -1084,3 +1084,8 @@ class TestRegressions:
         assert (stats.size, stats.leased) == (1, 1)
         assert pool._limiter is not None
         assert pool._limiter.borrowed_tokens == 1
+
+    async def test_a_block_raising_comes_out_unwrapped(self) -> None:
+        with pytest.raises(KeyError, match="mine"):
+            async with ResourcePool(1, factory=Factory()):
+                raise KeyError("mine")
