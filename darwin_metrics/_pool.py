@@ -209,6 +209,7 @@ class ResourcePool(Generic[T]):
         "__weakref__",
         "_acquired",
         "_check",
+        "_clock",
         "_closed",
         "_created",
         "_creating",
@@ -236,7 +237,7 @@ class ResourcePool(Generic[T]):
         "_upkeep_due",
         "_upkeep_scope",
         "_upkeep_wakeup",
-        "_waiters",
+        "_waiting",
         "_watchers",
     )
 
@@ -286,7 +287,8 @@ class ResourcePool(Generic[T]):
         self._closed = False
         self._limiter: anyio.CapacityLimiter | None = None
         self._trio = False
-        self._waiters: dict[_Lease, CancelScope] = {}
+        self._waiting = 0  # tasks in the limiter's queue
+        self._clock: Callable[[], float] = anyio.current_time
         self._watchers: list[Callable[[], None]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._upkeep_scope: CancelScope | None = None
@@ -321,7 +323,7 @@ class ResourcePool(Generic[T]):
             size=self._size,
             idle=len(self._idle),
             leased=len(self._leased),
-            waiting=len(self._waiters),
+            waiting=self._waiting,
             created=self._created,
             disposed=self._disposed,
             acquired=self._acquired,
@@ -335,7 +337,7 @@ class ResourcePool(Generic[T]):
         return (
             f"<darwin_metrics.ResourcePool at {id(self):#x}, "
             f"{len(self._leased)}/{self._max_size} leased, {len(self._idle)} idle, "
-            f"{len(self._waiters)} waiting{state}>"
+            f"{self._waiting} waiting{state}>"
         )
 
     def __del__(self) -> None:
@@ -389,6 +391,8 @@ class ResourcePool(Generic[T]):
             tokens = self._max_size if self._factory is not None else self._size
             limiter = self._limiter = anyio.CapacityLimiter(tokens)
             self._trio = _running_trio()
+            # The running loop's clock, resolved once: anyio.current_time looks it up per call.
+            self._clock = _trio_current_time if self._trio else asyncio.get_running_loop().time
         return limiter
 
     async def _checkpoint(self) -> None:
@@ -444,8 +448,7 @@ class ResourcePool(Generic[T]):
             self._limiter.total_tokens = self._size
             if self._size == 0:
                 # Waiting could never end now: wake every waiter; each answers None.
-                for scope in self._waiters.values():
-                    scope.cancel()
+                self._wake_all_waiters()
         if self._min_idle:
             self._wake_upkeep()
 
@@ -543,24 +546,38 @@ class ResourcePool(Generic[T]):
             self._release_token(lease)
             raise
 
-    async def _wait_for_token(self, lease: _Lease) -> bool:
-        """Wait in FIFO order for a token. False: woken by close, or the pool became empty."""
+    def _wake_all_waiters(self) -> None:
+        """Hand every waiting task a token at once, in FIFO order (sync).
+
+        For close and for a pool without factory that became empty: each woken task finds
+        the pool closed (and raises) or empty (and answers ``None``), and gives its token
+        back. Raising ``total_tokens`` grants the tokens synchronously on both backends, and
+        lowering it again never takes one back. Waking this way, rather than through a
+        cancel scope per waiter, keeps the contended path cheap.
+        """
+        limiter = self._limiter
+        if limiter is not None and self._waiting:
+            total = limiter.total_tokens
+            limiter.total_tokens = math.inf
+            limiter.total_tokens = total
+
+    async def _wait_for_token(self, lease: _Lease) -> None:
+        """Wait in FIFO order for a token; the limiter undoes the wait on cancellation."""
         limiter = self._limiter
         assert limiter is not None
-        scope = CancelScope()
-        self._waiters[lease] = scope
-        start = anyio.current_time()
+        self._waiting += 1
+        start = self._clock()
         try:
-            with scope:
-                await limiter.acquire_on_behalf_of(lease)
-                return True
-            return False
+            await limiter.acquire_on_behalf_of(lease)
         finally:
-            del self._waiters[lease]
-            waited = anyio.current_time() - start
-            self._total_wait += waited
-            if waited > self._longest_wait:
-                self._longest_wait = waited
+            self._end_wait(start)
+
+    def _end_wait(self, start: float) -> None:
+        self._waiting -= 1
+        waited = self._clock() - start
+        self._total_wait += waited
+        if waited > self._longest_wait:
+            self._longest_wait = waited
 
     async def _slow_take(self, lease: _Lease, has_token: bool) -> _Lease | None:
         """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty."""
@@ -568,11 +585,9 @@ class ResourcePool(Generic[T]):
             if not has_token:
                 if self._factory is None and self._size == 0:
                     return None  # the caller checkpointed, or this task waited
-                has_token = await self._wait_for_token(lease)
-                if not has_token:
-                    if self._closed:
-                        raise self._closed_error()
-                    continue
+                await self._wait_for_token(lease)
+                has_token = True
+            # A closed pool makes _fill raise; an empty one without factory, return None.
             if await self._fill(lease) is not None:
                 return lease
             # Neither idle nor room (the pool shrank, or checks failed): queue again.
@@ -584,15 +599,14 @@ class ResourcePool(Generic[T]):
         if self._closed:
             raise self._closed_error()
         limiter = self._limiter or self._get_limiter()
-        try:
-            limiter.acquire_on_behalf_of_nowait(lease)
-        except WouldBlock:
-            if self._factory is None and self._size == 0:
-                # Waiting could never end: answer at once, before any timeout starts.
-                await self._checkpoint()
-                return None
-            has_token = False
-        else:
+        got_token = False
+        if not self._waiting:  # with tasks queued, FIFO refuses a token: don't even try
+            try:
+                limiter.acquire_on_behalf_of_nowait(lease)
+                got_token = True
+            except WouldBlock:
+                pass
+        if got_token:
             # Fast path: one checkpoint; if it is cancelled, give the token back.
             try:
                 if self._trio:
@@ -602,17 +616,36 @@ class ResourcePool(Generic[T]):
             except BaseException:
                 limiter.release_on_behalf_of(lease)
                 raise
-            # A token holder always finds an idle resource or room to create one.
-            idle = self._idle  # aclose() swaps in an empty list, so this sees a close
-            if idle and self._plain_checkout:
-                entry = lease.entry = idle.pop()
-                self._leased[id(entry.resource)] = lease  # no duplicates come from idle
-                self._acquired += 1
-                return lease
-            has_token = True
+        else:
+            if self._factory is None and self._size == 0:
+                # Waiting could never end: answer at once, before any timeout starts.
+                await self._checkpoint()
+                return None
+            if timeout is not None:
+                return await self._slow_take_within(lease, False, timeout)
+            # Contended: queue in the limiter (FIFO); if cancelled, it takes nothing. (The
+            # body of _wait_for_token, inline: every frame here is resumed on every wake-up.)
+            self._waiting += 1
+            start = self._clock()
+            try:
+                await limiter.acquire_on_behalf_of(lease)
+            finally:
+                self._end_wait(start)
+        # Holding a token, which always finds an idle resource or room to create one.
+        idle = self._idle  # aclose() swaps in an empty list, so this sees a close
+        if idle and self._plain_checkout:
+            entry = lease.entry = idle.pop()
+            self._leased[id(entry.resource)] = lease  # no duplicates come from idle
+            self._acquired += 1
+            return lease
         if timeout is None:
-            return await self._slow_take(lease, has_token)
-        # fail_after costs more than the fast path: enter it only here.
+            return await self._slow_take(lease, True)
+        return await self._slow_take_within(lease, True, timeout)
+
+    async def _slow_take_within(
+        self, lease: _Lease, has_token: bool, timeout: float
+    ) -> _Lease | None:
+        """:meth:`_slow_take` under ``fail_after``: it costs more than the fast path."""
         try:
             with anyio.fail_after(timeout) as scope:
                 return await self._slow_take(lease, has_token)
@@ -886,8 +919,7 @@ class ResourcePool(Generic[T]):
         if self._closed:
             return
         self._closed = True
-        for scope in self._waiters.values():
-            scope.cancel()
+        self._wake_all_waiters()  # each raises PoolClosedError
         if self._upkeep_scope is not None:
             self._upkeep_scope.cancel()
         idle, self._idle = self._idle, []
@@ -1122,10 +1154,14 @@ class _LeaseContext(_Lease, Generic[T]):
             await pool._give_back(self)
 
 
+# trio's own checkpoint and clock, used only when the pool runs under trio.
 if TYPE_CHECKING:
     _trio_checkpoint = checkpoint
+    _trio_current_time = anyio.current_time
 else:
     try:
+        from trio import current_time as _trio_current_time
         from trio.lowlevel import checkpoint as _trio_checkpoint
-    except ImportError:  # trio is optional; the pool never calls this without it
+    except ImportError:  # trio is optional; the pool never calls these without it
         _trio_checkpoint = checkpoint
+        _trio_current_time = anyio.current_time
