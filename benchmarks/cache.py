@@ -22,6 +22,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Hashable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from darwin_metrics.resource import Cache
@@ -183,12 +184,12 @@ def micro_rows(config: Config) -> list[Row]:
                 cache.set(key, value)
         for op in ("get hit", "get miss", "set"):
             keys = absent if op == "get miss" else stored
-            samplers: list[Callable[[], float]] = [lambda k=keys: _time_loop(k, loops)]
+            samplers: list[Callable[[], float]] = [partial(_time_loop, keys, loops)]
             for cache in caches:
                 if op == "set":
-                    samplers.append(lambda s=cache.set, k=keys: _time_sets(s, k, loops))
+                    samplers.append(partial(_time_sets, cache.set, keys, loops))
                 else:
-                    samplers.append(lambda g=cache.get, k=keys: _time_gets(g, k, loops))
+                    samplers.append(partial(_time_gets, cache.get, keys, loops))
             results = interleave(samplers, config.repeats)
             ops = loops * len(stored)
             base = results[0]
@@ -238,7 +239,7 @@ def memory_rows(config: Config) -> list[Row]:
     entries = config.memory_entries
     # Deterministic up to allocator noise: three rounds are plenty.
     results = interleave(
-        [lambda n=name, m=make: _bytes_per_entry(n, m, entries) for name, make in makers],
+        [partial(_bytes_per_entry, name, make, entries) for name, make in makers],
         1 if config.quick else 3,
     )
     rows = []
@@ -299,8 +300,8 @@ def thread_rows(config: Config) -> list[Row]:
             cache.set(key, b"v")
         two, one = interleave(
             [
-                lambda g=cache.get: _threaded_gets(g, stored, config.thread_gets, 2),
-                lambda g=cache.get: _threaded_gets(g, stored, config.thread_gets, 1),
+                partial(_threaded_gets, cache.get, stored, config.thread_gets, 2),
+                partial(_threaded_gets, cache.get, stored, config.thread_gets, 1),
             ],
             config.repeats,
         )
