@@ -197,6 +197,14 @@ class _ThreadFlight(_Flight[V]):
         self.event = threading.Event()
 
 
+def _check_loader(loader: object, name: str, ttl: object) -> None:
+    """Validate the arguments of get_or_set and get_or_load before anything is loaded."""
+    if not callable(loader):
+        raise TypeError(f"{name} must be callable, not {type(loader).__name__}")
+    if ttl is not None:
+        _seconds(ttl, "ttl")
+
+
 def _seconds(ttl: object, name: str) -> float:
     """Validate a ttl argument and return it in seconds."""
     if isinstance(ttl, timedelta):
@@ -699,10 +707,7 @@ class Cache(Generic[K, V]):
             RuntimeError: ``make()`` called ``get_or_set`` for the same key, which would wait
                 for itself forever.
         """
-        if not callable(make):
-            raise TypeError(f"make must be callable, not {type(make).__name__}")
-        if ttl is not None:
-            _seconds(ttl, "ttl")  # fail before loading, not after
+        _check_loader(make, "make", ttl)
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
@@ -791,10 +796,7 @@ class Cache(Generic[K, V]):
             RuntimeError: ``load`` called ``get_or_load`` for the same key in the same task,
                 which would wait for itself forever.
         """
-        if not callable(load):
-            raise TypeError(f"load must be callable, not {type(load).__name__}")
-        if ttl is not None:
-            _seconds(ttl, "ttl")  # fail before loading, not after
+        _check_loader(load, "load", ttl)
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
