@@ -38,53 +38,26 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
-import attrs
 from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
-from ._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
-from ._tasks import exit_task_group
+from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
+from .._tasks import exit_task_group
+from ._args import check_hook, check_seconds, check_size
+from ._statistics import PoolStatistics
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["PoolStatistics", "ResourcePool"]
+__all__ = ["ResourcePool"]
 
 T = TypeVar("T")
 
 logger = logging.getLogger("darwin_metrics")
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
 _PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
-
-
-@attrs.frozen
-class PoolStatistics:
-    """A snapshot of a :class:`ResourcePool`'s state and counters."""
-
-    max_size: int
-    """The most resources the pool may own, idle and leased together."""
-    size: int
-    """Resources the pool owns now (idle, leased, and any being checked or reset)."""
-    idle: int
-    """Resources waiting in the pool to be leased."""
-    leased: int
-    """Resources leased out now."""
-    waiting: int
-    """Tasks waiting for a resource."""
-    created: int
-    """Resources the pool took ownership of: made by the factory or added with ``release``."""
-    disposed: int
-    """Resources that left the pool (discarded, failed a check or reset, retired, closed)."""
-    acquired: int
-    """Successful acquisitions (``acquire``, ``try_acquire`` and ``lease``)."""
-    timeouts: int
-    """Acquisitions that ended with :class:`~darwin_metrics.PoolTimeoutError`."""
-    total_wait: float
-    """Seconds that acquisitions spent waiting for a resource, summed."""
-    longest_wait: float
-    """The longest time one acquisition waited for a resource, in seconds."""
 
 
 class _Entry:
@@ -113,31 +86,6 @@ class _Lease:
         self.acquired_at = 0.0
         self.where = ""
         self.warned = False
-
-
-def _check_size(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {value!r}")
-    return value
-
-
-def _check_seconds(name: str, value: object) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be a number of seconds or None, got {type(value).__name__} {value!r}"
-        )
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and non-negative, got {value!r}")
-    return float(value)
-
-
-def _check_hook(name: str, value: object) -> None:
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be callable or None, got {type(value).__name__} {value!r}")
 
 
 def _call_watcher(callback: Callable[[], None]) -> None:
@@ -254,8 +202,8 @@ class ResourcePool(Generic[T]):
         max_lifetime: float | None = None,
         leak_threshold: float | None = None,
     ) -> None:
-        self._max_size = _check_size("max_size", max_size, 1)
-        self._min_idle = _check_size("min_idle", min_idle, 0)
+        self._max_size = check_size("max_size", max_size, 1)
+        self._min_idle = check_size("min_idle", min_idle, 0)
         if min_idle > max_size:
             raise ValueError(f"min_idle must be at most max_size ({max_size}), got {min_idle!r}")
         for name, hook in (
@@ -264,15 +212,15 @@ class ResourcePool(Generic[T]):
             ("reset", reset),
             ("dispose", dispose),
         ):
-            _check_hook(name, hook)
+            check_hook(name, hook)
         if min_idle and factory is None:
             raise ValueError("min_idle needs a factory to create the idle resources")
-        self._max_idle_time = _check_seconds("max_idle_time", max_idle_time)
-        max_lifetime = _check_seconds("max_lifetime", max_lifetime)
+        self._max_idle_time = check_seconds("max_idle_time", max_idle_time)
+        max_lifetime = check_seconds("max_lifetime", max_lifetime)
         if max_lifetime == 0:
             raise ValueError("max_lifetime must be positive, got 0")
         self._max_lifetime = max_lifetime
-        self._leak_threshold = _check_seconds("leak_threshold", leak_threshold)
+        self._leak_threshold = check_seconds("leak_threshold", leak_threshold)
         self._factory = factory
         self._check = check
         self._reset = reset
@@ -659,7 +607,7 @@ class ResourcePool(Generic[T]):
 
     def _validate_timeout(self, timeout: float | None) -> None:
         if timeout is not None:
-            _check_seconds("timeout", timeout)
+            check_seconds("timeout", timeout)
 
     # ------------------------------------------------------------------ public API
 
@@ -754,7 +702,7 @@ class ResourcePool(Generic[T]):
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
         """
         if timeout is not None:
-            _check_seconds("timeout", timeout)
+            check_seconds("timeout", timeout)
         return _LeaseContext(self, timeout)
 
     async def release(self, resource: T) -> None:
@@ -872,7 +820,7 @@ class ResourcePool(Generic[T]):
 
         Not a checkpoint; disposal runs shielded.
         """
-        max_size = _check_size("max_size", max_size, 1)
+        max_size = check_size("max_size", max_size, 1)
         if max_size < self._min_idle:
             raise ValueError(
                 f"max_size must be at least min_idle ({self._min_idle}), got {max_size}"
