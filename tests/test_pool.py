@@ -995,14 +995,14 @@ class TestRegressions:
             return Resource(calls)
 
         waits = 0
-        original = ResourcePool._wait_for_token
+        original = ResourcePool._park
 
-        async def counting(pool: ResourcePool[Any], lease: Any) -> bool:
+        async def counting(pool: ResourcePool[Any], lease: Any, front: bool) -> None:
             nonlocal waits
             waits += 1
-            return await original(pool, lease)
+            await original(pool, lease, front)
 
-        monkeypatch.setattr(ResourcePool, "_wait_for_token", counting)
+        monkeypatch.setattr(ResourcePool, "_park", counting)
         async with ResourcePool(1, factory=factory, min_idle=1) as pool:
             await anyio.lowlevel.checkpoint()  # prefill is now blocked in the factory
             async with anyio.create_task_group() as tg:

@@ -14,18 +14,41 @@ and gives it back when the resource comes back.
 - Without a factory, the limiter has one token per resource the pool owns, so a token holder
   always finds an idle resource, and a pool that owns nothing answers ``None`` at once.
 
-The limiter is strictly FIFO and refuses ``acquire_nowait`` while tasks wait, so a released
-resource goes to the longest waiter and no newcomer can jump the queue; the idle list is only
-storage. State changes that belong together never straddle an ``await``: a resource being
-checked or reset is owned (it counts in ``size`` and in the owned map) but is neither idle nor
-leased until its hook returns; every other ``await`` either comes before the state changes or
-is undone by an ``except BaseException`` block; and giving back, discarding, resetting and
-disposing run shielded from cancellation.
+How waiting works
+-----------------
+The pool keeps its own FIFO queue of waiting leases, and takes tokens only with
+``acquire_on_behalf_of_nowait``: the limiter is the gate that counts, the queue decides who is
+next. Whenever a token may have become free (a resource came back, left, or was added; the
+pool grew), :meth:`ResourcePool._serve` hands tokens to the longest waiters at once, each
+together with an idle resource bound to its lease when there is one, and wakes them. So a
+released resource goes to the longest waiter, no newcomer can jump the queue (the fast path is
+taken only while nobody waits), and ``statistics()`` never shows a resource idle while a task
+waits for one. A waiter woken with a token keeps its place if the resource fails its
+``check``: it tries the next one, or waits again at the head of the queue.
+
+A waiter that is cancelled just as it is served (possible on asyncio, where a wake-up and a
+``task.cancel()`` can cross) passes its token and resource on to the next waiter: nothing is
+lost, whatever cancelled it: an anyio scope, trio, or asyncio's own ``task.cancel()``.
+
+What must finish, finishes
+--------------------------
+State changes that belong together never straddle an ``await``: a resource being checked or
+reset is owned (it counts in ``size`` and in the owned map) but is neither idle nor leased
+until its hook returns; every other ``await`` either comes before the state changes or is
+undone by an ``except BaseException`` block. The ``reset`` and ``dispose`` hooks run through
+:func:`~darwin_metrics._lowlevel.run_protected`: no cancellation reaches them (on asyncio a
+native ``task.cancel()`` is held back until the bookkeeping is done, then re-raised), a hook
+that raises anything (``KeyboardInterrupt`` included) fails only its resource, and a hook that
+hangs is abandoned after ``hook_timeout`` seconds.
+
+A pool belongs to the event loop that first uses it; using it from another one raises
+:class:`RuntimeError` before anything changes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import math
@@ -33,7 +56,8 @@ import os
 import random
 import sys
 import warnings
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -42,6 +66,13 @@ from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
+from .._lowlevel import (
+    HookTimeoutError,
+    Parker,
+    current_loop,
+    run_protected,
+    wrong_loop_error,
+)
 from .._tasks import exit_task_group
 from ._args import check_hook, check_seconds, check_size
 from ._statistics import PoolStatistics
@@ -58,6 +89,7 @@ logger = logging.getLogger("darwin_metrics")
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
 _PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
+_DEFAULT_HOOK_TIMEOUT = 10.0
 
 
 class _Entry:
@@ -73,19 +105,22 @@ class _Entry:
 
 
 class _Lease:
-    """A lease: the limiter's borrower object, and what it holds.
+    """A lease: the limiter's borrower object, what it holds, and its place in the queue.
 
     ``entry`` is ``None`` until the lease is bound to a resource, and again once the resource
-    was given back or discarded.
+    was given back or discarded. ``granted`` is true while a waiter holds a token that the
+    pool handed it (with or without an entry) and has not acted on yet.
     """
 
-    __slots__ = ("acquired_at", "entry", "warned", "where")
+    __slots__ = ("acquired_at", "entry", "granted", "parker", "warned", "where")
 
     def __init__(self) -> None:
         self.entry: _Entry | None = None
         self.acquired_at = 0.0
         self.where = ""
         self.warned = False
+        self.granted = False
+        self.parker: Parker | None = None
 
 
 def _call_watcher(callback: Callable[[], None]) -> None:
@@ -93,17 +128,6 @@ def _call_watcher(callback: Callable[[], None]) -> None:
         callback()
     except Exception:
         logger.exception("pool watcher %r raised", callback)
-
-
-def _running_trio() -> bool:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _where_acquired() -> str:
@@ -123,8 +147,8 @@ class ResourcePool(Generic[T]):
     """A pool of reusable resources, leased in strict FIFO order.
 
     The pool never owns more than ``max_size`` resources, idle and leased together. Resources
-    come from ``factory`` on demand, or are added with :meth:`release` (the seed's way to fill
-    a pool). It works on asyncio and trio, and belongs to one event loop run.
+    come from ``factory`` on demand, or are added by hand with :meth:`release`. It works on
+    asyncio and trio, and belongs to the event loop that first uses it.
 
     Example::
 
@@ -137,9 +161,9 @@ class ResourcePool(Generic[T]):
         factory: Makes a resource: a callable returning one, or an awaitable of one.
         check: Validates an idle resource on checkout; returning false or raising disposes
             it, and the pool tries the next idle resource or creates one.
-        reset: Runs on a resource that comes back, shielded from cancellation; raising
-            disposes the resource.
-        dispose: Closes a resource that leaves the pool (sync or async), shielded from
+        reset: Runs on a resource that comes back, protected from cancellation; raising (or
+            running past ``hook_timeout``) disposes the resource.
+        dispose: Closes a resource that leaves the pool (sync or async), protected from
             cancellation. Its errors are logged (logger ``darwin_metrics``), never raised.
         min_idle: Idle resources that upkeep keeps ready (needs ``factory``).
         max_idle_time: Upkeep disposes resources idle for longer (never going below
@@ -148,9 +172,19 @@ class ResourcePool(Generic[T]):
             ones when they come back; each gets up to 10% less, so they don't all retire at
             once. ``None`` keeps them.
         leak_threshold: A lease held longer logs a warning that says where it was acquired.
+        hook_timeout: Seconds an async ``reset`` or ``dispose`` may take (default 10). One
+            that takes longer is abandoned (cancelled) with an error logged; its resource
+            leaves the pool and the caller goes on. ``None`` waits for ever.
 
     Hooks may be sync or async callables. Prefill, idle reaping, retirement of idle resources
     and leak warnings while a lease is held run in the upkeep task of ``async with pool:``.
+
+    ``reset`` and ``dispose`` complete even when the task running them is cancelled, however
+    it is cancelled (an anyio scope, trio, or asyncio's own ``task.cancel()`` as used by
+    ``asyncio.timeout``, ``asyncio.wait_for`` and ``asyncio.TaskGroup``): the cancellation is
+    raised once the resource is back in the pool or disposed. A hook that raises a
+    ``KeyboardInterrupt`` or ``SystemExit`` fails its resource (disposed, its slot freed), and
+    the exception is raised after the pool's books are straight.
     """
 
     __slots__ = (
@@ -164,11 +198,13 @@ class ResourcePool(Generic[T]):
         "_dispose",
         "_disposed",
         "_factory",
+        "_hook_timeout",
         "_idle",
         "_leak_threshold",
         "_leased",
         "_limiter",
         "_longest_wait",
+        "_loop",
         "_max_idle_time",
         "_max_lifetime",
         "_max_size",
@@ -185,7 +221,7 @@ class ResourcePool(Generic[T]):
         "_upkeep_due",
         "_upkeep_scope",
         "_upkeep_wakeup",
-        "_waiting",
+        "_waiters",
         "_watchers",
     )
 
@@ -201,6 +237,7 @@ class ResourcePool(Generic[T]):
         max_idle_time: float | None = None,
         max_lifetime: float | None = None,
         leak_threshold: float | None = None,
+        hook_timeout: float | None = _DEFAULT_HOOK_TIMEOUT,
     ) -> None:
         self._max_size = check_size("max_size", max_size, 1)
         self._min_idle = check_size("min_idle", min_idle, 0)
@@ -221,6 +258,7 @@ class ResourcePool(Generic[T]):
             raise ValueError("max_lifetime must be positive, got 0")
         self._max_lifetime = max_lifetime
         self._leak_threshold = check_seconds("leak_threshold", leak_threshold)
+        self._hook_timeout = check_seconds("hook_timeout", hook_timeout)
         self._factory = factory
         self._check = check
         self._reset = reset
@@ -233,10 +271,13 @@ class ResourcePool(Generic[T]):
         self._size = 0
         self._creating = 0
         self._closed = False
+        # The event loop this pool belongs to, and what comes with it: bound on first use.
+        self._loop: object | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._trio = False
-        self._waiting = 0  # tasks in the limiter's queue
         self._clock: Callable[[], float] = anyio.current_time
+        # Leases waiting for a token, longest waiting first.
+        self._waiters: deque[_Lease] = deque()
         self._watchers: list[Callable[[], None]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._upkeep_scope: CancelScope | None = None
@@ -265,13 +306,13 @@ class ResourcePool(Generic[T]):
         return self._closed
 
     def statistics(self) -> PoolStatistics:
-        """Return a snapshot of the pool's state and counters."""
+        """Return a snapshot of the pool's state and counters (from any thread)."""
         return PoolStatistics(
             max_size=self._max_size,
             size=self._size,
             idle=len(self._idle),
             leased=len(self._leased),
-            waiting=self._waiting,
+            waiting=len(self._waiters),
             created=self._created,
             disposed=self._disposed,
             acquired=self._acquired,
@@ -285,7 +326,7 @@ class ResourcePool(Generic[T]):
         return (
             f"<darwin_metrics.ResourcePool at {id(self):#x}, "
             f"{len(self._leased)}/{self._max_size} leased, {len(self._idle)} idle, "
-            f"{self._waiting} waiting{state}>"
+            f"{len(self._waiters)} waiting{state}>"
         )
 
     def __del__(self) -> None:
@@ -330,17 +371,34 @@ class ResourcePool(Generic[T]):
         for callback in tuple(self._watchers):
             _call_watcher(callback)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the event loop
 
-    def _get_limiter(self) -> anyio.CapacityLimiter:
-        """Create the limiter lazily, in the event loop that uses the pool first."""
+    def _enter(self) -> anyio.CapacityLimiter:
+        """Check that the running event loop is this pool's (binding it on first use).
+
+        Every async entry point calls this before changing anything. Raises RuntimeError
+        from another event loop; returns the limiter.
+        """
         limiter = self._limiter
         if limiter is None:
-            tokens = self._max_size if self._factory is not None else self._size
-            limiter = self._limiter = anyio.CapacityLimiter(tokens)
-            self._trio = _running_trio()
-            # The running loop's clock, resolved once: anyio.current_time looks it up per call.
-            self._clock = _trio_current_time if self._trio else asyncio.get_running_loop().time
+            return self._bind_loop()
+        try:
+            running = _trio_token() if self._trio else _get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise wrong_loop_error(self, "pool")
+        return limiter
+
+    def _bind_loop(self) -> anyio.CapacityLimiter:
+        on_trio, loop = current_loop()
+        tokens = self._max_size if self._factory is not None else self._size
+        limiter = anyio.CapacityLimiter(tokens)
+        self._trio = on_trio
+        self._loop = loop
+        # The running loop's clock, resolved once: anyio.current_time looks it up per call.
+        self._clock = _trio_current_time if on_trio else asyncio.get_running_loop().time
+        self._limiter = limiter
         return limiter
 
     async def _checkpoint(self) -> None:
@@ -349,6 +407,8 @@ class ResourcePool(Generic[T]):
             await _trio_checkpoint()
         else:
             await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ internals
 
     def _is_closed(self) -> bool:
         # A call, so that type checkers don't assume an await left it unchanged.
@@ -381,10 +441,33 @@ class ResourcePool(Generic[T]):
         self._acquired += 1
         if self._leak_threshold is not None:
             lease.acquired_at = anyio.current_time()
-            lease.where = _where_acquired()
             self._schedule_upkeep(lease.acquired_at + self._leak_threshold)
         if self._watchers:
             self._notify()
+
+    def _unbind(self, lease: _Lease) -> _Entry:
+        entry = lease.entry
+        assert entry is not None
+        del self._leased[id(entry.resource)]
+        lease.entry = None
+        if self._leak_threshold is not None and not lease.warned:
+            now = anyio.current_time()
+            if now >= lease.acquired_at + self._leak_threshold:
+                self._warn_leak(entry.resource, lease, now - lease.acquired_at)
+        if self._watchers:
+            self._notify()
+        return entry
+
+    def _undo_handoff(self, lease: _Lease) -> _Entry:
+        """Take back a resource bound to a waiter that never used it (sync)."""
+        entry = lease.entry
+        assert entry is not None
+        del self._leased[id(entry.resource)]
+        lease.entry = None
+        self._acquired -= 1
+        if self._watchers:
+            self._notify()
+        return entry
 
     def _forget(self, entry: _Entry) -> None:
         """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
@@ -401,25 +484,149 @@ class ResourcePool(Generic[T]):
             self._wake_upkeep()
 
     def _release_token(self, lease: _Lease) -> None:
+        """Give back the token ``lease`` holds, and hand what it frees to the next waiters."""
         limiter = self._limiter
         assert limiter is not None
         limiter.release_on_behalf_of(lease)
+        if self._waiters:
+            self._serve()
 
-    async def _dispose_resource(self, resource: T) -> None:
-        """Run the dispose hook, shielded; log its errors."""
-        if self._dispose is None:
-            return
-        with CancelScope(shield=True):
+    def _serve(self) -> None:
+        """Hand free tokens to the longest waiters, each with an idle resource if any (sync).
+
+        Called after every change that can free a token or add an idle resource. A waiter
+        that was cancelled (and has not resumed yet) is skipped: it can no longer be woken.
+        """
+        waiters = self._waiters
+        limiter = self._limiter
+        assert limiter is not None
+        while waiters:
+            head = waiters[0]
+            parker = head.parker
+            assert parker is not None
+            if not parker.parked:
+                waiters.popleft()  # cancelled: it leaves by itself, taking nothing
+                continue
             try:
-                result = self._dispose(resource)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                logger.exception("dispose(%r) raised; the resource left the pool anyway", resource)
+                limiter.acquire_on_behalf_of_nowait(head)
+            except WouldBlock:
+                return
+            waiters.popleft()
+            head.granted = True
+            idle = self._idle
+            if idle:
+                self._bind(head, idle.pop())
+            parker.wake()
+
+    def _wake_all_waiters(self) -> None:
+        """Wake every waiter without a token (sync): for close, and for an empty pool.
+
+        Each woken task finds the pool closed (and raises) or empty without factory (and
+        answers ``None``), or queues again at the head.
+        """
+        waiters = self._waiters
+        while waiters:
+            parker = waiters.popleft().parker
+            assert parker is not None
+            parker.wake()
+
+    async def _park(self, lease: _Lease, front: bool) -> None:
+        """Wait in the queue until served (``lease.granted``) or woken for a close.
+
+        On cancellation the lease leaves the queue; if it was served just as the
+        cancellation landed, it passes its token and resource on.
+        """
+        parker = lease.parker
+        if parker is None:
+            parker = lease.parker = Parker(self._trio)
+        if front:
+            self._waiters.appendleft(lease)
+        else:
+            self._waiters.append(lease)
+        start = self._clock()
+        try:
+            await parker.park()
+        except BaseException:
+            orphan = self._leave_queue(lease)
+            if orphan is not None:  # served just before a close: nobody else can take it
+                await self._dispose_resource(orphan.resource)
+            raise
+        finally:
+            waited = self._clock() - start
+            self._total_wait += waited
+            if waited > self._longest_wait:
+                self._longest_wait = waited
+
+    def _leave_queue(self, lease: _Lease) -> _Entry | None:
+        """A waiter gives up (cancelled or timed out): undo its wait, pass on any grant.
+
+        Returns a resource it was handed that now has to be disposed (the pool closed
+        meanwhile); the caller disposes it.
+        """
+        if lease.granted:
+            lease.granted = False
+            orphan = None
+            if lease.entry is not None:
+                entry = self._undo_handoff(lease)
+                if self._closed:
+                    self._forget(entry)
+                    orphan = entry
+                else:
+                    self._idle.append(entry)
+            self._release_token(lease)  # to the next waiter, with the resource
+            return orphan
+        with contextlib.suppress(ValueError):  # already skipped by _serve, or woken for a close
+            self._waiters.remove(lease)
+        return None
+
+    async def _run_hook(
+        self, name: str, hook: Callable[[T], object], resource: T
+    ) -> tuple[bool, BaseException | None]:
+        """Run ``reset`` or ``dispose`` to completion; return ``(ok, deferred)``."""
+        failure, deferred = await run_protected(
+            lambda: hook(resource), on_trio=self._trio, timeout=self._hook_timeout
+        )
+        if failure is not None:
+            consequence = "disposing it" if name == "reset" else "the resource left the pool"
+            if isinstance(failure, HookTimeoutError):
+                logger.error(
+                    "%s(%r) did not finish within hook_timeout=%s s; abandoned it, %s",
+                    name,
+                    resource,
+                    self._hook_timeout,
+                    consequence,
+                )
+            else:
+                logger.error("%s(%r) raised; %s", name, resource, consequence, exc_info=failure)
+        return failure is None, deferred
+
+    async def _dispose_resource(self, resource: T) -> BaseException | None:
+        """Run the dispose hook to completion; return the exception to raise afterwards."""
+        if self._dispose is None:
+            return None
+        return (await self._run_hook("dispose", self._dispose, resource))[1]
 
     async def _drop(self, entry: _Entry) -> None:
+        """Forget and dispose an entry; then raise what the dispose deferred, if anything."""
         self._forget(entry)
-        await self._dispose_resource(entry.resource)
+        deferred = await self._dispose_resource(entry.resource)
+        if deferred is not None:
+            raise deferred
+
+    async def _dispose_entries(self, entries: Iterable[_Entry]) -> None:
+        """Forget the entries, then dispose every one of them whatever happens; then raise.
+
+        Disposal is protected from cancellation and bounded by ``hook_timeout``, so every
+        entry counted as disposed here has had its ``dispose`` run (or abandoned, logged).
+        """
+        doomed = list(entries)
+        for entry in doomed:
+            self._forget(entry)
+        deferred: BaseException | None = None
+        for entry in doomed:
+            deferred = await self._dispose_resource(entry.resource) or deferred
+        if deferred is not None:
+            raise deferred
 
     async def _create(self) -> _Entry:
         """Make a new resource with the factory. Cancellation or an error creates nothing."""
@@ -437,7 +644,7 @@ class ResourcePool(Generic[T]):
         return self._new_entry(resource)
 
     async def _passes_check(self, entry: _Entry) -> bool:
-        """Run ``check`` on an entry popped from idle; dispose it if it fails."""
+        """Run ``check`` on an entry being checked out; dispose it if it fails."""
         check = self._check
         assert check is not None
         try:
@@ -456,8 +663,8 @@ class ResourcePool(Generic[T]):
             await self._drop(entry)
         return ok
 
-    async def _fill(self, lease: _Lease) -> _Lease | None:
-        """Bind a token holder to an idle resource or a new one.
+    async def _fill(self, lease: _Lease, entry: _Entry | None = None) -> _Lease | None:
+        """Bind a token holder to ``entry`` (handed over), an idle resource or a new one.
 
         The caller holds a token for ``lease``. Returns the bound lease, or ``None`` (still
         holding the token) when there is neither an idle resource nor room to create one.
@@ -466,27 +673,34 @@ class ResourcePool(Generic[T]):
         try:
             while True:
                 if self._closed:
+                    if entry is not None:
+                        await self._drop(entry)  # handed over just before the close
                     raise self._closed_error()
                 idle = self._idle
-                if idle:
+                if entry is None and idle:
                     entry = idle.pop()
-                    if self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
-                        await self._drop(entry)
+                if entry is not None:
+                    candidate, entry = entry, None
+                    if (
+                        self._max_lifetime is not None
+                        and candidate.retire_at <= anyio.current_time()
+                    ):
+                        await self._drop(candidate)
                         continue
                     if self._check is not None:
-                        if not await self._passes_check(entry):
+                        if not await self._passes_check(candidate):
                             continue
                         if self._is_closed():  # closed while the check ran
-                            await self._drop(entry)
+                            await self._drop(candidate)
                             raise self._closed_error()
                 elif self._factory is not None and self._size + self._creating < self._max_size:
-                    entry = await self._create()
+                    candidate = await self._create()
                     if self._is_closed():  # closed while the factory ran
-                        await self._drop(entry)
+                        await self._drop(candidate)
                         raise self._closed_error()
                 else:
                     return None
-                self._bind(lease, entry)
+                self._bind(lease, candidate)
                 if self._min_idle and len(idle) < self._min_idle:
                     self._wake_upkeep()
                 return lease
@@ -494,61 +708,53 @@ class ResourcePool(Generic[T]):
             self._release_token(lease)
             raise
 
-    def _wake_all_waiters(self) -> None:
-        """Hand every waiting task a token at once, in FIFO order (sync).
+    async def _slow_take(self, lease: _Lease, holding: bool) -> _Lease | None:
+        """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty.
 
-        For close and for a pool without factory that became empty: each woken task finds
-        the pool closed (and raises) or empty (and answers ``None``), and gives its token
-        back. Raising ``total_tokens`` grants the tokens synchronously on both backends, and
-        lowering it again never takes one back. Waking this way, rather than through a
-        cancel scope per waiter, keeps the contended path cheap.
+        ``holding`` says whether the caller already holds a token for ``lease``.
         """
         limiter = self._limiter
-        if limiter is not None and self._waiting:
-            total = limiter.total_tokens
-            limiter.total_tokens = math.inf
-            limiter.total_tokens = total
-
-    async def _wait_for_token(self, lease: _Lease) -> None:
-        """Wait in FIFO order for a token; the limiter undoes the wait on cancellation."""
-        limiter = self._limiter
         assert limiter is not None
-        self._waiting += 1
-        start = self._clock()
-        try:
-            await limiter.acquire_on_behalf_of(lease)
-        finally:
-            self._end_wait(start)
-
-    def _end_wait(self, start: float) -> None:
-        self._waiting -= 1
-        waited = self._clock() - start
-        self._total_wait += waited
-        if waited > self._longest_wait:
-            self._longest_wait = waited
-
-    async def _slow_take(self, lease: _Lease, has_token: bool) -> _Lease | None:
-        """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty."""
+        front = False  # woken without a token, or the resource failed: keep our place
         while True:
-            if not has_token:
+            if not holding:
+                if self._closed:
+                    raise self._closed_error()
                 if self._factory is None and self._size == 0:
                     return None  # the caller checkpointed, or this task waited
-                await self._wait_for_token(lease)
-                has_token = True
+                if not self._waiters:
+                    try:
+                        limiter.acquire_on_behalf_of_nowait(lease)
+                        holding = True
+                    except WouldBlock:
+                        pass
+                if not holding:
+                    await self._park(lease, front)
+                    if not lease.granted:
+                        front = True
+                        continue
+                    lease.granted = False
+                    holding = True
+            entry = lease.entry  # bound when it was handed over to us
+            if entry is not None:
+                if self._plain_checkout and not self._closed:
+                    return lease
+                entry = self._undo_handoff(lease)  # checked again below, as any checkout
             # A closed pool makes _fill raise; an empty one without factory, return None.
-            if await self._fill(lease) is not None:
+            if await self._fill(lease, entry) is not None:
                 return lease
-            # Neither idle nor room (the pool shrank, or checks failed): queue again.
+            # Neither idle nor room (the pool shrank, or checks failed): wait at the head.
             self._release_token(lease)
-            has_token = False
+            holding = False
+            front = True
 
     async def _take(self, lease: _Lease, timeout: float | None) -> _Lease | None:
         """Acquire a lease: the one template behind acquire, lease and their timeouts."""
         if self._closed:
             raise self._closed_error()
-        limiter = self._limiter or self._get_limiter()
+        limiter = self._enter()
         got_token = False
-        if not self._waiting:  # with tasks queued, FIFO refuses a token: don't even try
+        if not self._waiters:  # with tasks queued, newcomers queue behind them
             try:
                 limiter.acquire_on_behalf_of_nowait(lease)
                 got_token = True
@@ -562,41 +768,33 @@ class ResourcePool(Generic[T]):
                 else:
                     await asyncio.sleep(0)
             except BaseException:
-                limiter.release_on_behalf_of(lease)
+                self._release_token(lease)
                 raise
-        else:
-            if self._factory is None and self._size == 0:
-                # Waiting could never end: answer at once, before any timeout starts.
-                await self._checkpoint()
-                return None
-            if timeout is not None:
-                return await self._slow_take_within(lease, False, timeout)
-            # Contended: queue in the limiter (FIFO); if cancelled, it takes nothing. (The
-            # body of _wait_for_token, inline: every frame here is resumed on every wake-up.)
-            self._waiting += 1
-            start = self._clock()
-            try:
-                await limiter.acquire_on_behalf_of(lease)
-            finally:
-                self._end_wait(start)
-        # Holding a token, which always finds an idle resource or room to create one.
-        idle = self._idle  # aclose() swaps in an empty list, so this sees a close
-        if idle and self._plain_checkout:
-            entry = lease.entry = idle.pop()
-            self._leased[id(entry.resource)] = lease  # no duplicates come from idle
-            self._acquired += 1
-            return lease
+            idle = self._idle  # aclose() swaps in an empty list, so this sees a close
+            if idle and self._plain_checkout:
+                entry = lease.entry = idle.pop()
+                self._leased[id(entry.resource)] = lease  # no duplicates come from idle
+                self._acquired += 1
+                return lease
+        elif self._factory is None and self._size == 0:
+            # Waiting could never end: answer at once, before any timeout starts.
+            await self._checkpoint()
+            return None
         if timeout is None:
-            return await self._slow_take(lease, True)
-        return await self._slow_take_within(lease, True, timeout)
+            taken = await self._slow_take(lease, got_token)
+        else:
+            taken = await self._slow_take_within(lease, got_token, timeout)
+        if taken is not None and self._leak_threshold is not None:
+            lease.where = _where_acquired()
+        return taken
 
     async def _slow_take_within(
-        self, lease: _Lease, has_token: bool, timeout: float
+        self, lease: _Lease, holding: bool, timeout: float
     ) -> _Lease | None:
         """:meth:`_slow_take` under ``fail_after``: it costs more than the fast path."""
         try:
             with anyio.fail_after(timeout) as scope:
-                return await self._slow_take(lease, has_token)
+                return await self._slow_take(lease, holding)
         except TimeoutError:
             if not scope.cancelled_caught:
                 raise  # the factory's own TimeoutError, not ours
@@ -620,7 +818,8 @@ class ResourcePool(Generic[T]):
         This is a checkpoint. If it raised (cancelled, timed out, closed), you got nothing;
         if it returned a resource, you own it and must give it back with :meth:`release` or
         :meth:`discard`. A resource handed to a waiter that is cancelled at that moment goes
-        to the next waiter, or back to idle.
+        to the next waiter, or back to idle, however the waiter was cancelled (asyncio's
+        own ``task.cancel()`` included).
 
         Args:
             timeout: Seconds to wait, including the factory's and an async ``check``'s time;
@@ -634,6 +833,7 @@ class ResourcePool(Generic[T]):
         Raises:
             PoolTimeoutError: No resource within ``timeout``.
             PoolClosedError: The pool is closed, or was closed while waiting.
+            RuntimeError: Called from an event loop other than the pool's.
         """
         self._validate_timeout(timeout)
         lease = await self._take(_Lease(), timeout)
@@ -656,11 +856,15 @@ class ResourcePool(Generic[T]):
 
         Raises:
             PoolClosedError: The pool is closed.
+            RuntimeError: Called from an event loop other than the pool's.
         """
         if self._closed:
             raise self._closed_error()
-        limiter = self._limiter or self._get_limiter()
+        limiter = self._enter()
         lease = _Lease()
+        if self._waiters:
+            await self._checkpoint()
+            return None
         try:
             limiter.acquire_on_behalf_of_nowait(lease)
         except WouldBlock:
@@ -669,11 +873,13 @@ class ResourcePool(Generic[T]):
         try:
             await self._checkpoint()
         except BaseException:
-            limiter.release_on_behalf_of(lease)
+            self._release_token(lease)
             raise
         if await self._fill(lease) is None:
-            limiter.release_on_behalf_of(lease)
+            self._release_token(lease)
             return None
+        if self._leak_threshold is not None:
+            lease.where = _where_acquired()
         entry = lease.entry
         assert entry is not None
         resource: T = entry.resource
@@ -684,7 +890,7 @@ class ResourcePool(Generic[T]):
 
         ``async with pool.lease() as resource:`` acquires (as :meth:`acquire`), yields the
         resource itself, and gives it back however the block exits: normally, by an
-        exception or by cancellation (giving back is shielded and never lost). If the block
+        exception or by cancellation (giving back completes, and is never lost). If the block
         called :meth:`discard` or :meth:`release` on the resource, the exit does nothing more.
 
         A block that was cancelled or raised may leave its resource mid-operation (half a
@@ -694,12 +900,14 @@ class ResourcePool(Generic[T]):
 
         Entering is a checkpoint: if it raised, you got nothing; if the block runs, you hold
         the resource. Exiting is not a checkpoint, unless a ``reset`` or ``dispose`` hook
-        awaits (shielded).
+        awaits (protected from cancellation; a cancellation that arrives meanwhile is raised
+        once the resource is back).
 
         Raises:
             PoolEmptyError: The pool has no factory and owns no resource (on entry).
             PoolTimeoutError: No resource within ``timeout`` (on entry).
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
+            RuntimeError: Used from an event loop other than the pool's (on entry).
         """
         if timeout is not None:
             check_seconds("timeout", timeout)
@@ -711,17 +919,20 @@ class ResourcePool(Generic[T]):
         A leased resource always goes back: to the longest waiter, or to idle (after the
         ``reset`` hook, if any); or it is disposed when the pool is closed, has shrunk below
         its size, or the resource outlived ``max_lifetime``. A resource the pool does not
-        know is added as a new idle resource (the seed's way to fill a pool).
+        know is added as a new idle resource (or handed to the longest waiter).
 
-        Not a checkpoint. Runs shielded: when the calling task is cancelled, the resource is
-        still given back (or added) completely before the cancellation is seen.
+        Not a checkpoint, unless a ``reset`` or ``dispose`` hook awaits. When the calling
+        task is cancelled (however: an anyio scope, trio, or asyncio's ``task.cancel()``), the
+        resource is still given back (or added) completely before the cancellation is raised.
 
         Raises:
             PoolFullError: Adding a new resource to a pool that owns ``max_size`` resources;
                 nothing changed, and the resource is still yours.
             ValueError: The resource is already in this pool: idle, or being given back
                 (released twice).
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
+        limiter = self._enter()
         lease = self._leased.get(id(resource))
         if lease is not None:
             await self._give_back(lease)
@@ -731,58 +942,51 @@ class ResourcePool(Generic[T]):
                 f"{resource!r} is already in this pool, idle or being given back (released twice?)"
             )
         if self._closed:
-            await self._dispose_resource(resource)
+            deferred = await self._dispose_resource(resource)
+            if deferred is not None:
+                raise deferred
             return
         if self._size + self._creating >= self._max_size:
             raise PoolFullError(
                 f"cannot add {resource!r}: the pool already owns max_size={self._max_size} "
                 "resources"
             )
-        limiter = self._limiter or self._get_limiter()
         self._idle.append(self._new_entry(resource))
         if self._factory is None:
-            limiter.total_tokens = self._size  # wakes the longest waiter, if any
+            limiter.total_tokens = self._size
+        if self._waiters:
+            self._serve()
         self._schedule_upkeep(self._next_due())
 
     async def discard(self, resource: T) -> None:
         """Dispose a leased resource and free its slot (for a resource found broken).
 
         A lease whose resource was discarded does not give it back on exit. Not a
-        checkpoint; runs shielded, so it completes even when the calling task is cancelled.
+        checkpoint, unless the ``dispose`` hook awaits; it completes even when the calling
+        task is cancelled, and the cancellation is raised afterwards.
 
         Raises:
             ValueError: The resource is not leased from this pool.
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
+        self._enter()
         lease = self._leased.get(id(resource))
         if lease is None:
             raise ValueError(f"{resource!r} is not leased from this pool")
-        entry = lease.entry
-        assert entry is not None
-        self._unbind(lease)
+        entry = self._unbind(lease)
         self._forget(entry)
         self._release_token(lease)
-        await self._dispose_resource(entry.resource)
-
-    def _unbind(self, lease: _Lease) -> None:
-        entry = lease.entry
-        assert entry is not None
-        del self._leased[id(entry.resource)]
-        lease.entry = None
-        if self._leak_threshold is not None and not lease.warned:
-            now = anyio.current_time()
-            if now >= lease.acquired_at + self._leak_threshold:
-                self._warn_leak(entry.resource, lease, now - lease.acquired_at)
-        if self._watchers:
-            self._notify()
+        deferred = await self._dispose_resource(entry.resource)
+        if deferred is not None:
+            raise deferred
 
     async def _give_back(self, lease: _Lease) -> None:
-        """Return a leased resource to idle or dispose it; shielded, never lost."""
-        entry = lease.entry
-        assert entry is not None
-        self._unbind(lease)
+        """Return a leased resource to idle (or a waiter) or dispose it; never lost."""
+        entry = self._unbind(lease)
         ok = True
+        deferred: BaseException | None = None
         if self._reset is not None:
-            ok = await self._run_reset(entry.resource)
+            ok, deferred = await self._run_hook("reset", self._reset, entry.resource)
         if (
             ok
             and not self._closed
@@ -794,23 +998,12 @@ class ResourcePool(Generic[T]):
                 entry.idle_since = anyio.current_time()
                 self._schedule_upkeep(self._entry_due(entry))
             self._release_token(lease)
-            return
-        self._forget(entry)
-        self._release_token(lease)
-        await self._dispose_resource(entry.resource)
-
-    async def _run_reset(self, resource: T) -> bool:
-        reset = self._reset
-        assert reset is not None
-        with CancelScope(shield=True):
-            try:
-                result = reset(resource)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                logger.warning("reset(%r) raised; disposing it", resource, exc_info=True)
-                return False
-        return True
+        else:
+            self._forget(entry)
+            self._release_token(lease)
+            deferred = await self._dispose_resource(entry.resource) or deferred
+        if deferred is not None:
+            raise deferred
 
     async def resize(self, max_size: int) -> None:
         """Change ``max_size`` at run time.
@@ -818,75 +1011,89 @@ class ResourcePool(Generic[T]):
         Growing lets waiters in at once (with a factory, they create resources). Shrinking
         disposes idle surplus now and leased surplus as it comes back.
 
-        Not a checkpoint; disposal runs shielded.
+        Not a checkpoint, unless a ``dispose`` hook awaits; disposal completes even when the
+        calling task is cancelled.
+
+        Raises:
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
         max_size = check_size("max_size", max_size, 1)
         if max_size < self._min_idle:
             raise ValueError(
                 f"max_size must be at least min_idle ({self._min_idle}), got {max_size}"
             )
+        limiter = self._enter()
         self._max_size = max_size
-        if self._factory is not None and self._limiter is not None:
-            self._limiter.total_tokens = max_size
+        if self._factory is not None:
+            limiter.total_tokens = max_size
         surplus: list[_Entry] = []
-        while self._size > self._max_size and self._idle:
-            entry = self._idle.pop(0)  # the longest idle first
-            self._forget(entry)
-            surplus.append(entry)
+        while self._size - len(surplus) > self._max_size and self._idle:
+            surplus.append(self._idle.pop(0))  # the longest idle first
+        if self._waiters:
+            self._serve()
         if self._watchers:
             self._notify()
         self._wake_upkeep()
-        for entry in surplus:
-            await self._dispose_resource(entry.resource)
+        await self._dispose_entries(surplus)
 
     async def retain(self, predicate: Callable[[T], bool]) -> int:
         """Dispose the idle resources for which ``predicate`` is false; return how many.
 
-        Not a checkpoint; disposal runs shielded.
+        Not a checkpoint, unless a ``dispose`` hook awaits; disposal completes even when the
+        calling task is cancelled.
+
+        Raises:
+            TypeError: ``predicate`` is not callable.
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
         if not callable(predicate):
             raise TypeError(f"predicate must be callable, got {type(predicate).__name__}")
+        self._enter()
         keep: list[_Entry] = []
         doomed: list[_Entry] = []
         for entry in self._idle:
             (keep if predicate(entry.resource) else doomed).append(entry)
         self._idle[:] = keep
-        for entry in doomed:
-            self._forget(entry)
-        for entry in doomed:
-            await self._dispose_resource(entry.resource)
+        await self._dispose_entries(doomed)
         return len(doomed)
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.
 
         Every waiter gets :class:`~darwin_metrics.PoolClosedError`; idle resources are
-        disposed now; resources leased at this moment are disposed when they come back;
-        upkeep stops. Not a checkpoint; disposal runs shielded.
+        disposed now, every one of them even when the calling task is cancelled (the
+        cancellation is raised afterwards); resources leased at this moment are disposed
+        when they come back; upkeep stops. Not a checkpoint, unless a ``dispose`` hook awaits.
+
+        Raises:
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
         if self._closed:
             return
+        self._enter()
         self._closed = True
         self._wake_all_waiters()  # each raises PoolClosedError
         if self._upkeep_scope is not None:
             self._upkeep_scope.cancel()
         idle, self._idle = self._idle, []
-        for entry in idle:
-            self._forget(entry)
-        for entry in idle:
-            await self._dispose_resource(entry.resource)
+        await self._dispose_entries(idle)
 
     async def __aenter__(self) -> Self:
         """Start upkeep (prefill, idle reaping, retirement, leak warnings) in a task group.
 
         The task group lives exactly as long as the ``async with`` block; on exit the pool
         is closed.
+
+        Raises:
+            PoolClosedError: The pool is closed.
+            RuntimeError: The block is already running, or the pool belongs to another
+                event loop.
         """
         if self._closed:
             raise self._closed_error()
         if self._task_group is not None:
             raise RuntimeError("this pool's 'async with' block is already running")
-        self._get_limiter()
+        self._enter()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -900,6 +1107,10 @@ class ResourcePool(Generic[T]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool | None:
+        """Close the pool (as :meth:`aclose`) and end the upkeep task group.
+
+        The block's own exception comes out as itself, not in an exception group.
+        """
         task_group = self._task_group
         assert task_group is not None
         try:
@@ -928,7 +1139,7 @@ class ResourcePool(Generic[T]):
             resource,
             held,
             self._leak_threshold,
-            lease.where,
+            lease.where or "<unknown>",
         )
 
     async def _upkeep(self, scope: CancelScope) -> None:
@@ -938,8 +1149,7 @@ class ResourcePool(Generic[T]):
             while True:
                 self._upkeep_wakeup = wakeup = anyio.Event()
                 self._upkeep_due = -math.inf  # awake: changes need no wake-up
-                for entry in self._collect_expired():
-                    await self._dispose_resource(entry.resource)
+                await self._dispose_entries(self._collect_expired())
                 if anyio.current_time() >= retry_prefill_at:
                     try:
                         await self._prefill()
@@ -963,7 +1173,10 @@ class ResourcePool(Generic[T]):
                     await checkpoint()
 
     def _collect_expired(self) -> list[_Entry]:
-        """Take out idle resources that are past max_idle_time or max_lifetime (sync)."""
+        """Take out idle resources that are past max_idle_time or max_lifetime (sync).
+
+        The caller forgets and disposes them.
+        """
         now = anyio.current_time()
         doomed: list[_Entry] = []
         if self._idle and (self._max_idle_time is not None or self._max_lifetime is not None):
@@ -981,8 +1194,6 @@ class ResourcePool(Generic[T]):
                 else:
                     keep.append(entry)
             self._idle[:] = keep
-            for entry in doomed:
-                self._forget(entry)
         if self._leak_threshold is not None:
             for lease in self._leased.values():
                 if (
@@ -1024,6 +1235,7 @@ class ResourcePool(Generic[T]):
         while (
             not self._closed
             and self._factory is not None
+            and not self._waiters
             and len(self._idle) + self._creating < self._min_idle
             and self._size + self._creating < self._max_size
         ):
@@ -1035,15 +1247,17 @@ class ResourcePool(Generic[T]):
             try:
                 entry = await self._create()
             except BaseException:
-                limiter.release_on_behalf_of(borrower)
+                self._release_token(borrower)
                 raise
             if self._is_closed() or self._size > self._max_size:  # closed or shrunk meanwhile
                 self._forget(entry)
-                limiter.release_on_behalf_of(borrower)
-                await self._dispose_resource(entry.resource)
+                self._release_token(borrower)
+                deferred = await self._dispose_resource(entry.resource)
+                if deferred is not None:
+                    raise deferred
                 continue
             self._idle.append(entry)
-            limiter.release_on_behalf_of(borrower)
+            self._release_token(borrower)
 
 
 class _LeaseContext(_Lease, Generic[T]):
@@ -1061,6 +1275,8 @@ class _LeaseContext(_Lease, Generic[T]):
         self.acquired_at = 0.0
         self.where = ""
         self.warned = False
+        self.granted = False
+        self.parker = None
         self._pool = pool
         self._timeout = timeout
         self._entered = False
@@ -1086,6 +1302,7 @@ class _LeaseContext(_Lease, Generic[T]):
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        # The same task entered the lease, so the event loop is the pool's: no check here.
         entry = self.entry
         if entry is None:
             return  # discarded or released inside the block
@@ -1098,18 +1315,27 @@ class _LeaseContext(_Lease, Generic[T]):
             limiter = pool._limiter
             assert limiter is not None
             limiter.release_on_behalf_of(self)
+            if pool._waiters:
+                pool._serve()
         else:
             await pool._give_back(self)
 
 
-# trio's own checkpoint and clock, used only when the pool runs under trio.
+# The backends' own checkpoint, clock and loop identity, resolved once for the hot paths.
+_get_running_loop = asyncio.get_running_loop
 if TYPE_CHECKING:
     _trio_checkpoint = checkpoint
     _trio_current_time = anyio.current_time
+
+    def _trio_token() -> object: ...
 else:
     try:
         from trio import current_time as _trio_current_time
         from trio.lowlevel import checkpoint as _trio_checkpoint
+        from trio.lowlevel import current_trio_token as _trio_token
     except ImportError:  # trio is optional; the pool never calls these without it
         _trio_checkpoint = checkpoint
         _trio_current_time = anyio.current_time
+
+        def _trio_token() -> object:
+            raise RuntimeError("trio is not installed")
