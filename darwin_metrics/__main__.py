@@ -326,7 +326,10 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
     if svg is not None:
         from rich.console import Console
 
-        recorder = Console(record=True, width=_SVG_WIDTH, file=io.StringIO())
+        # Colours as on a terminal, so the bars are drawn in full as the live view draws them.
+        recorder = Console(
+            record=True, width=_SVG_WIDTH, file=io.StringIO(), color_system="truecolor"
+        )
         recorder.print(render_view(statistics, interval=options.interval, elapsed=elapsed))
         try:
             svg.save(recorder.export_svg(title="darwin-metrics monitor"))
