@@ -374,7 +374,9 @@ async def run_monitor(
     Checkpoint: yes. If cancelled, the sampling stops and the live view is taken down.
 
     Raises:
-        ModuleNotFoundError: psutil (or, for the live view, rich) is not installed.
+        BaseExceptionGroup: What the sampling or the view raised, in the monitor's task
+            group; for example a ``ModuleNotFoundError`` when psutil (or, for the live
+            view, rich) is not installed, which the command line checks before it starts.
     """
     deadline = math.inf if options.duration == 0 else options.duration
     received: signal.Signals | None = None

@@ -10,19 +10,16 @@ tested in-process, which is faster.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
 import platform
-import pty
 import re
 import select
 import signal
 import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,6 +43,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 FIGURE = r"\d+\.\d%"
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and terminals")
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
 
 
 def _env() -> dict[str, str]:
@@ -111,6 +109,10 @@ class Terminal:
         without: Sequence[str] = (),
         preexec_fn: Callable[[], None] = _default_signals,
     ) -> None:
+        import fcntl
+        import pty
+        import termios
+
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
         env = {
@@ -374,6 +376,7 @@ class TestSaveSvg:
         assert completed.returncode == 2
         assert not picture.exists()
 
+    @needs_dev_full
     def test_a_write_that_fails_at_the_end(self) -> None:
         completed = monitor(
             "--json", "--interval", "0.1", "--duration", "0.1", "--save-svg", "/dev/full"
@@ -415,6 +418,7 @@ class TestSaveSvg:
 
 @posix_only
 class TestStandardOutput:
+    @needs_dev_full
     @pytest.mark.parametrize("backend", BACKENDS)
     @pytest.mark.parametrize("view", ["--json", "--live"])
     def test_full(self, backend: str, view: str) -> None:
@@ -458,6 +462,7 @@ class TestStandardOutput:
             "darwin-metrics: standard output is closed: nothing to write to"
         )
 
+    @needs_dev_full
     def test_guarded_output_keeps_the_first_error(self) -> None:
         full = open("/dev/full", "w")  # noqa: SIM115
         try:
