@@ -547,9 +547,12 @@ class ResourcePool(Generic[T]):
         try:
             await parker.park()
         except BaseException:
-            orphan = self._leave_queue(lease)
-            if orphan is not None:  # served just before a close: nobody else can take it
-                await self._dispose_resource(orphan.resource)
+            if lease.granted:  # served just as it was cancelled (asyncio): pass it all on
+                lease.granted = False
+                await self._give_up(lease)
+            else:
+                with contextlib.suppress(ValueError):  # skipped by _serve, or woken by a close
+                    self._waiters.remove(lease)
             raise
         finally:
             waited = self._clock() - start
@@ -557,27 +560,32 @@ class ResourcePool(Generic[T]):
             if waited > self._longest_wait:
                 self._longest_wait = waited
 
-    def _leave_queue(self, lease: _Lease) -> _Entry | None:
-        """A waiter gives up (cancelled or timed out): undo its wait, pass on any grant.
-
-        Returns a resource it was handed that now has to be disposed (the pool closed
-        meanwhile); the caller disposes it.
-        """
-        if lease.granted:
-            lease.granted = False
-            orphan = None
-            if lease.entry is not None:
-                entry = self._undo_handoff(lease)
-                if self._closed:
-                    self._forget(entry)
-                    orphan = entry
-                else:
-                    self._idle.append(entry)
-            self._release_token(lease)  # to the next waiter, with the resource
-            return orphan
-        with contextlib.suppress(ValueError):  # already skipped by _serve, or woken for a close
-            self._waiters.remove(lease)
+    def _put_back(self, entry: _Entry) -> _Entry | None:
+        """Return an entry that was taken out but not used (sync); the orphan if closed."""
+        if self._closed:  # aclose() has already disposed the idle ones: this is ours to do
+            self._forget(entry)
+            return entry
+        self._idle.append(entry)
         return None
+
+    async def _give_up(self, lease: _Lease, candidate: _Entry | None = None) -> None:
+        """Undo a checkout that did not complete: the resource back, the token to the next.
+
+        ``lease`` holds a token, maybe a resource bound to it (handed over, or taken on the
+        fast path) and maybe an unbound ``candidate`` taken out of idle. Nothing awaits
+        unless the pool closed meanwhile and a resource must be disposed.
+        """
+        orphans = []
+        if lease.entry is not None:
+            orphans.append(self._put_back(self._undo_handoff(lease)))
+        if candidate is not None:
+            orphans.append(self._put_back(candidate))
+        self._release_token(lease)  # to the next waiter, with the resource
+        for orphan in orphans:
+            if orphan is not None:
+                deferred = await self._dispose_resource(orphan.resource)
+                if deferred is not None:
+                    raise deferred
 
     async def _run_hook(
         self, name: str, hook: Callable[[T], object], resource: T
@@ -708,10 +716,13 @@ class ResourcePool(Generic[T]):
             self._release_token(lease)
             raise
 
-    async def _slow_take(self, lease: _Lease, holding: bool) -> _Lease | None:
+    async def _slow_take(
+        self, lease: _Lease, holding: bool, candidate: _Entry | None = None
+    ) -> _Lease | None:
         """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty.
 
-        ``holding`` says whether the caller already holds a token for ``lease``.
+        ``holding`` says whether the caller already holds a token for ``lease``, and
+        ``candidate`` is an idle resource it took out to check first.
         """
         limiter = self._limiter
         assert limiter is not None
@@ -740,6 +751,8 @@ class ResourcePool(Generic[T]):
                 if self._plain_checkout and not self._closed:
                     return lease
                 entry = self._undo_handoff(lease)  # checked again below, as any checkout
+            elif candidate is not None:
+                entry, candidate = candidate, None
             # A closed pool makes _fill raise; an empty one without factory, return None.
             if await self._fill(lease, entry) is not None:
                 return lease
@@ -753,48 +766,57 @@ class ResourcePool(Generic[T]):
         if self._closed:
             raise self._closed_error()
         limiter = self._enter()
-        got_token = False
+        holding = False
+        candidate = None
         if not self._waiters:  # with tasks queued, newcomers queue behind them
             try:
                 limiter.acquire_on_behalf_of_nowait(lease)
-                got_token = True
+                holding = True
             except WouldBlock:
                 pass
-        if got_token:
-            # Fast path: one checkpoint; if it is cancelled, give the token back.
+        if holding:
+            # Fast path: take the resource, then one checkpoint; if that is cancelled, put
+            # everything back. Taking it first means it is never seen idle while a task waits.
+            idle = self._idle
+            if idle:
+                if self._plain_checkout:
+                    entry = lease.entry = idle.pop()
+                    self._leased[id(entry.resource)] = lease  # no duplicates come from idle
+                    self._acquired += 1
+                else:
+                    candidate = idle.pop()  # checked after the checkpoint
             try:
                 if self._trio:
                     await _trio_checkpoint()
                 else:
                     await asyncio.sleep(0)
             except BaseException:
-                self._release_token(lease)
+                await self._give_up(lease, candidate)
                 raise
-            idle = self._idle  # aclose() swaps in an empty list, so this sees a close
-            if idle and self._plain_checkout:
-                entry = lease.entry = idle.pop()
-                self._leased[id(entry.resource)] = lease  # no duplicates come from idle
-                self._acquired += 1
-                return lease
+            if lease.entry is not None:
+                if not self._is_closed():
+                    return lease
+                await self._give_up(lease)  # closed during the checkpoint
+                raise self._closed_error()
         elif self._factory is None and self._size == 0:
             # Waiting could never end: answer at once, before any timeout starts.
             await self._checkpoint()
             return None
         if timeout is None:
-            taken = await self._slow_take(lease, got_token)
+            taken = await self._slow_take(lease, holding, candidate)
         else:
-            taken = await self._slow_take_within(lease, got_token, timeout)
+            taken = await self._slow_take_within(lease, holding, candidate, timeout)
         if taken is not None and self._leak_threshold is not None:
             lease.where = _where_acquired()
         return taken
 
     async def _slow_take_within(
-        self, lease: _Lease, holding: bool, timeout: float
+        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float
     ) -> _Lease | None:
         """:meth:`_slow_take` under ``fail_after``: it costs more than the fast path."""
         try:
             with anyio.fail_after(timeout) as scope:
-                return await self._slow_take(lease, holding)
+                return await self._slow_take(lease, holding, candidate)
         except TimeoutError:
             if not scope.cancelled_caught:
                 raise  # the factory's own TimeoutError, not ours
@@ -870,12 +892,14 @@ class ResourcePool(Generic[T]):
         except WouldBlock:
             await self._checkpoint()
             return None
+        idle = self._idle
+        candidate = idle.pop() if idle else None  # never seen idle while a task waits
         try:
             await self._checkpoint()
         except BaseException:
-            self._release_token(lease)
+            await self._give_up(lease, candidate)
             raise
-        if await self._fill(lease) is None:
+        if await self._fill(lease, candidate) is None:
             self._release_token(lease)
             return None
         if self._leak_threshold is not None:
