@@ -1,42 +1,23 @@
-"""ResourceManager: usage tracking, broadcast over memory object streams, samplers in a task group.
+"""ResourceManager: usage tracking, broadcast to subscriptions, samplers in a task group.
 
-How delivery works
-------------------
-Every :class:`Subscription` owns one anyio memory object stream, both ends of it: memory object
-streams are queues, not tees, so one stream per subscriber is the broadcast. Tracking a usage
-records it in the statistics, then loops over the open subscriptions calling ``send_nowait``; no
-object is created per subscriber and nothing awaits per subscriber.
+Tracking records a usage in the statistics, then loops over the open subscriptions calling
+``send_nowait``; no object is created per subscriber and nothing awaits per subscriber (see
+:mod:`._subscription` for how each policy delivers). State changes never straddle an
+``await``: a resource type's statistics are replaced in one assignment, and the fan-out runs
+without awaiting.
 
-- ``"drop_oldest"``: when the buffer is full, the tracking call takes the oldest buffered event
-  out through the subscription's own receive end, counts it in ``missed``, and sends again.
-  Tracking never waits for such a subscriber.
-- ``"wait"``: when the buffer is full, the event joins the subscription's backlog, a FIFO of
-  events reserved for it in tracking order, and the tracking call waits (after every other
-  subscriber got the event) until its event is first in the backlog and the buffer has room.
-  Reserving synchronously keeps each subscriber's events in tracking order even when several
-  tasks track at once; a call that gives up (timeout, cancellation) withdraws its event from
-  the backlogs it had not reached, so no subscriber receives one event twice.
-
-State changes never straddle an ``await``: a resource type's statistics are replaced in one
-assignment, and the fan-out runs without awaiting.
+A manager belongs to the event loop that first uses it; tracking, entering it or waiting on
+one of its subscriptions from another event loop raises :class:`RuntimeError`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-import numbers
-import sys
-import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import attrs
 from anyio import (
     BrokenResourceError,
     CancelScope,
@@ -46,543 +27,30 @@ from anyio import (
 )
 from anyio.lowlevel import checkpoint
 
-from ._cache import Cache
-from ._errors import TrackingTimeoutError
-from ._pool import ResourcePool
-from ._tasks import exit_task_group
+from .._cache import Cache
+from .._errors import TrackingTimeoutError
+from .._lowlevel import current_loop, running_loop_or_none, wrong_loop_error
+from .._pool import ResourcePool
+from .._tasks import exit_task_group
+from ._samplers import PoolWatcher, Readings, SystemReader, pool_usage
+from ._subscription import Channel, OverflowPolicy, Subscription, remove_identical
+from ._usage import (
+    Record,
+    ResourceUsage,
+    UsageStatistics,
+    as_bytes,
+    check_buffer_size,
+    check_overflow,
+    check_resource_type,
+    check_seconds,
+    check_usage,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from typing_extensions import Self
 
-__all__ = ["OverflowPolicy", "ResourceManager", "ResourceUsage", "Subscription", "UsageStatistics"]
-
-OverflowPolicy = Literal["drop_oldest", "wait"]
-"""What tracking does when a subscriber's buffer is full."""
-
-_OVERFLOW_POLICIES: Final = ("drop_oldest", "wait")
-_Record = tuple[int, float, float, float, float, float]  # UsageStatistics' fields, in order
-_POOL_SNAPSHOTS_MAX: Final = 1024  # pool changes kept for a pool watcher that lags behind
-
-
-@attrs.frozen
-class ResourceUsage:
-    """One usage measurement, as subscribers receive it."""
-
-    resource_type: str
-    """What was measured, such as ``"cpu"``, ``"pool:db"`` or ``"disk:/"``."""
-    usage_percent: float
-    """The usage in percent: finite and not negative; it may exceed 100."""
-    timestamp: float
-    """When it was tracked, on the event loop's clock (:func:`anyio.current_time`)."""
-    wall_time: float
-    """When it was tracked, in seconds since the epoch (:func:`time.time`), for export."""
-
-
-@attrs.frozen
-class UsageStatistics:
-    """What a :class:`ResourceManager` has recorded for one resource type."""
-
-    count: int
-    """How many usages were tracked."""
-    last: float
-    """The latest usage, in percent."""
-    min: float
-    """The lowest usage, in percent."""
-    max: float
-    """The highest usage (the peak), in percent."""
-    mean: float
-    """The mean of all tracked usages, in percent."""
-    last_timestamp: float
-    """When the latest usage was tracked, on the event loop's clock."""
-
-
-# ---------------------------------------------------------------------- argument checks
-
-
-def _check_resource_type(value: object, name: str = "resource_type") -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
-    if not value:
-        raise ValueError(f"{name} must not be empty")
-    return value
-
-
-def _check_usage(value: object) -> float:
-    if type(value) is float:
-        number = value
-    elif not isinstance(value, bool) and isinstance(value, numbers.Real):
-        try:
-            number = float(value)
-        except OverflowError:
-            raise ValueError(f"usage must be finite, got {value!r}") from None
-    else:
-        raise TypeError(f"usage must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(number):
-        raise ValueError(f"usage must be finite, got {value!r}")
-    if number < 0:
-        raise ValueError(f"usage must not be negative, got {value!r}")
-    return number + 0.0  # turns -0.0 into 0.0
-
-
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{name} must be a number of seconds, got {type(value).__name__} {value!r}"
-        )
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int too large for a float
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        wanted = "finite and not negative" if allow_zero else "finite and positive"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
-    return seconds
-
-
-def _check_buffer_size(value: object, overflow: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"buffer_size must be an int, got {type(value).__name__} {value!r}")
-    minimum = 0 if overflow == "wait" else 1
-    if value < minimum:
-        hint = "" if minimum == 0 else ' (0 is allowed only with overflow="wait")'
-        raise ValueError(f"buffer_size must be at least {minimum}{hint}, got {value!r}")
-    return value
-
-
-def _check_overflow(value: object) -> OverflowPolicy:
-    if not isinstance(value, str):
-        raise TypeError(f"overflow must be a str, got {type(value).__name__} {value!r}")
-    if value == "drop_oldest":
-        return "drop_oldest"
-    if value == "wait":
-        return "wait"
-    raise ValueError(f"overflow must be one of {_OVERFLOW_POLICIES}, got {value!r}")
-
-
-def _as_bytes(value: object) -> bytes:
-    if isinstance(value, bytes):
-        return value if type(value) is bytes else bytes(value)
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    hint = " (encode it first)" if isinstance(value, str) else ""
-    raise TypeError(
-        f"value must be bytes-like (bytes, bytearray or memoryview){hint}, "
-        f"got {type(value).__name__}"
-    )
-
-
-def _remove_identical(backlog: deque[ResourceUsage], event: ResourceUsage) -> None:
-    """Remove ``event`` itself (not an equal event) from ``backlog``, if it is there."""
-    if backlog and backlog[0] is event:
-        backlog.popleft()
-        return
-    for index, queued in enumerate(backlog):
-        if queued is event:
-            del backlog[index]
-            return
-
-
-# ---------------------------------------------------------------------- subscriptions
-
-
-class _StreamProbe:
-    """Tells whether a receive stream has an event to take now, through ``statistics()``."""
-
-    __slots__ = ("_statistics",)
-
-    def __init__(self, stream: MemoryObjectReceiveStream[ResourceUsage]) -> None:
-        self._statistics = stream.statistics
-
-    def __bool__(self) -> bool:
-        stats = self._statistics()
-        return bool(stats.current_buffer_used or stats.tasks_waiting_send)
-
-
-def _ready_probe(
-    stream: MemoryObjectReceiveStream[ResourceUsage], wait: bool
-) -> deque[ResourceUsage] | _StreamProbe:
-    """Return an object that is true while ``stream`` has an event to take at once.
-
-    Every subscriber asks this before each event it takes, so it must be cheap. For a
-    ``"drop_oldest"`` stream it is anyio's buffer itself (a private attribute, unchanged since
-    anyio 3; the tests check it). A ``"wait"`` stream also has events in waiting senders, and
-    any other layout falls back to ``statistics()``, about ten times slower.
-    """
-    if not wait:
-        buffer = getattr(getattr(stream, "_state", None), "buffer", None)
-        if isinstance(buffer, deque):
-            return buffer
-    return _StreamProbe(stream)
-
-
-class _Channel:
-    """The manager's side of a subscription: its stream, its policy and its counters.
-
-    The manager holds channels strongly and subscriptions not at all, so a subscription that
-    nobody references is collected; its finalizer closes the channel.
-    """
-
-    __slots__ = (
-        "backlog",
-        "manager",
-        "missed",
-        "ready",
-        "receive_nowait",
-        "receive_stream",
-        "send_nowait",
-        "send_stream",
-        "state",
-        "turn",
-        "wait",
-    )
-
-    def __init__(self, manager: ResourceManager, buffer_size: int, wait: bool) -> None:
-        send_stream, receive_stream = anyio.create_memory_object_stream[ResourceUsage](buffer_size)
-        self.manager = manager
-        self.send_stream: MemoryObjectSendStream[ResourceUsage] = send_stream
-        self.receive_stream: MemoryObjectReceiveStream[ResourceUsage] = receive_stream
-        self.receive_nowait = receive_stream.receive_nowait
-        self.ready = _ready_probe(receive_stream, wait)
-        self.wait = wait
-        self.missed = 0
-        self.state = "open"
-        # Events reserved for a "wait" subscriber, in tracking order, not yet in its buffer.
-        self.backlog: deque[ResourceUsage] = deque()
-        self.turn: anyio.Event | None = None  # set whenever the backlog's head leaves
-        self.send_nowait: Callable[[ResourceUsage], None] = (
-            self._send_in_order if wait else send_stream.send_nowait
-        )
-
-    def _send_in_order(self, event: ResourceUsage) -> None:
-        if self.backlog:  # earlier events wait for room: don't overtake them
-            raise WouldBlock
-        self.send_stream.send_nowait(event)
-
-    def end(self) -> None:
-        """Close the sending end: the subscriber gets what is buffered, then its loop ends."""
-        if self.state == "open":
-            self.state = "ended"
-        self.send_stream.close()
-        self.manager._discard(self)
-
-    def close(self) -> None:
-        """Close both ends (idempotent; also the subscription's finalizer)."""
-        self.state = "closed"
-        self.send_stream.close()
-        self.receive_stream.close()
-        self.manager._discard(self)
-
-    async def deliver(self, event: ResourceUsage) -> None:
-        """Wait until ``event`` is first in the backlog, then until the buffer takes it.
-
-        Checkpoint: yes. On cancellation, ``event`` leaves the backlog undelivered. A closed
-        subscription ends the wait quietly.
-        """
-        backlog = self.backlog
-        try:
-            while backlog[0] is not event:
-                turn = self.turn
-                if turn is None:
-                    turn = self.turn = anyio.Event()
-                await turn.wait()
-            await self.send_stream.send(event)
-        except (BrokenResourceError, ClosedResourceError):
-            pass  # the subscriber left
-        finally:
-            _remove_identical(backlog, event)
-            turn = self.turn
-            if turn is not None:
-                self.turn = None
-                turn.set()
-
-
-def _loop_scheduler() -> Callable[[Callable[[], object]], object] | None:
-    """A thread-safe way to run a callback in the running event loop, if there is one."""
-    try:
-        return asyncio.get_running_loop().call_soon_threadsafe
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            run_sync_soon: Callable[[Callable[[], object]], object] = (
-                trio.lowlevel.current_trio_token().run_sync_soon
-            )
-        except RuntimeError:
-            return None
-        return run_sync_soon
-    return None
-
-
-def _close_channel(
-    channel: _Channel,
-    thread: int,
-    schedule: Callable[[Callable[[], object]], object] | None,
-) -> None:
-    """Close a channel in its event loop's thread (a Subscription's finalizer)."""
-    if schedule is None or threading.get_ident() == thread:
-        channel.close()
-        return
-    try:
-        schedule(channel.close)
-    except RuntimeError:  # that event loop has finished: nothing else uses the channel
-        channel.close()
-
-
-class Subscription:
-    """A subscriber's feed of :class:`ResourceUsage` events, made by ``manager.subscribe()``.
-
-    Iterate over it with ``async for``; the loop ends when the subscription is closed or when
-    the manager's ``async with`` block exits. It is a context manager, sync and async, that
-    closes it on exit; a subscription that is garbage-collected is closed and removed too.
-
-    A subscriber that fell behind can take everything buffered at once, without a checkpoint
-    per event, with :meth:`drain` or :meth:`next_batch`.
-
-    Example::
-
-        with manager.subscribe(buffer_size=10) as subscription:
-            async for usage in subscription:
-                print(usage.resource_type, usage.usage_percent)
-    """
-
-    __slots__ = ("__weakref__", "_channel", "_finalizer", "_pending")
-
-    def __init__(self, channel: _Channel) -> None:
-        self._channel = channel
-        # Events taken from the stream but not yet handed out (a cancelled checkpoint).
-        self._pending: deque[ResourceUsage] = deque()
-        # The finalizer may run in any thread that triggers garbage collection; it closes the
-        # channel in the thread of the event loop that subscribed.
-        self._finalizer = weakref.finalize(
-            self, _close_channel, channel, threading.get_ident(), _loop_scheduler()
-        )
-
-    @property
-    def missed(self) -> int:
-        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``).
-
-        ``received + missed`` equals the number of events tracked while it was open. A
-        ``"wait"`` subscriber loses no event this way; an event that a timed-out or cancelled
-        tracking call could not deliver to it is not counted (that call raised).
-        """
-        return self._channel.missed
-
-    @property
-    def overflow(self) -> OverflowPolicy:
-        """The overflow policy: ``"drop_oldest"`` or ``"wait"``."""
-        return "wait" if self._channel.wait else "drop_oldest"
-
-    @property
-    def buffer_size(self) -> int:
-        """How many events the buffer holds."""
-        return int(self._channel.receive_stream.statistics().max_buffer_size)
-
-    @property
-    def buffered(self) -> int:
-        """Events received for this subscriber and not yet taken out (0 once closed)."""
-        if self._channel.state == "closed":
-            return 0
-        stats = self._channel.receive_stream.statistics()
-        return len(self._pending) + stats.current_buffer_used
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called (or the context manager exited)."""
-        return self._channel.state == "closed"
-
-    def close(self) -> None:
-        """Unsubscribe: no more events arrive, and the buffered ones are discarded.
-
-        A task iterating over the subscription ends its loop. Idempotent.
-        """
-        self._pending.clear()
-        self._finalizer()
-
-    def drain(self) -> list[ResourceUsage]:
-        """Take every buffered event, oldest first, without waiting.
-
-        Not a checkpoint. Returns an empty list when nothing is buffered (or when closed).
-        """
-        self._take_buffered()
-        batch = list(self._pending)
-        self._pending.clear()
-        return batch
-
-    async def next_batch(self) -> list[ResourceUsage]:
-        """Wait for at least one event, then take every buffered event, oldest first.
-
-        The cheap way for a subscriber that lags to catch up: one checkpoint per batch
-        instead of one per event. Returns an empty list once the subscription has ended
-        (closed, or the manager exited) and everything buffered was taken.
-
-        Checkpoint: yes. Cancellation: if it raises, no event was taken.
-        """
-        channel = self._channel
-        pending = self._pending
-        ready = channel.ready
-        if pending or ready:
-            self._take_buffered()
-            await checkpoint()  # after taking: a subscriber that lags is never starved
-        else:
-            # Yield before parking: a busy tracker often sends meanwhile, and an event taken
-            # from the buffer costs far less than a wake-up (trio: 1.5x the deliveries/s).
-            await checkpoint()
-            if not ready:
-                try:
-                    first = await channel.receive_stream.receive()
-                except (EndOfStream, ClosedResourceError):
-                    return []
-                if not ready:
-                    return [first]
-                pending.append(first)
-            self._take_buffered()
-        batch = list(pending)
-        pending.clear()
-        return batch
-
-    def _take_buffered(self) -> None:
-        """Move every event that the stream can give at once to pending."""
-        channel = self._channel
-        ready = channel.ready
-        receive_nowait = channel.receive_nowait
-        append = self._pending.append
-        try:
-            while ready:
-                append(receive_nowait())
-        except (WouldBlock, EndOfStream, ClosedResourceError):
-            pass
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> ResourceUsage:
-        """Return the next event, waiting for one if none is buffered.
-
-        Checkpoint: yes. The event is taken *before* the checkpoint, so a subscriber that
-        lags is never starved by the tracking task; if that checkpoint is cancelled the event
-        is kept and returned by the next call. If it raises a cancellation, you got nothing.
-        """
-        pending = self._pending
-        if not pending:
-            channel = self._channel
-            try:
-                if channel.ready:  # take first, checkpoint after: a laggard is never starved
-                    pending.append(channel.receive_nowait())
-                else:
-                    return await channel.receive_stream.receive()
-            except (EndOfStream, ClosedResourceError):
-                raise StopAsyncIteration from None
-        await checkpoint()
-        return pending.popleft()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        """Return the subscription. Not a checkpoint."""
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        """Close the subscription. Not a checkpoint."""
-        self.close()
-
-    def __repr__(self) -> str:
-        channel = self._channel
-        stats = channel.receive_stream.statistics()
-        size = "∞" if math.isinf(stats.max_buffer_size) else int(stats.max_buffer_size)
-        return (
-            f"<darwin_metrics.Subscription at {id(self):#x}, {self.overflow}, "
-            f"{self.buffered}/{size} buffered, {channel.missed} missed, {channel.state}>"
-        )
-
-
-# ---------------------------------------------------------------------- samplers
-
-
-class _PoolWatcher:
-    """Snapshots a pool's usage on every change; a manager task tracks the snapshots."""
-
-    __slots__ = ("changed", "pool", "snapshots", "unwatch")
-
-    def __init__(self, pool: ResourcePool[Any]) -> None:
-        self.pool = pool
-        self.snapshots: deque[float] = deque(maxlen=_POOL_SNAPSHOTS_MAX)
-        self.changed = anyio.Event()
-        self.snapshots.append(self.usage())
-        self.unwatch = pool._watch(self.notify)
-
-    def usage(self) -> float:
-        stats = self.pool.statistics()
-        return stats.leased / stats.max_size * 100.0 if stats.max_size else 0.0
-
-    def notify(self) -> None:
-        # Called by the pool, synchronously, in the task that changed it: cheap, never raises.
-        self.snapshots.append(self.usage())
-        self.changed.set()
-
-
-class _SystemReader:
-    """Reads the system's usage with psutil, one round per call.
-
-    CPU, memory and swap come from procfs-like sources in microseconds and are read in the
-    event loop's thread (``cpu_percent`` measures since the previous call *in the same
-    thread*). Disks are read in a worker thread: ``statvfs`` on a stale network mount blocks.
-    The first round has no ``cpu``: a reading microseconds after the priming call covers
-    almost no time and says about 0.
-    """
-
-    def __init__(self) -> None:
-        import psutil
-
-        psutil.cpu_percent(interval=None)  # the first call only starts the measurement
-        self._primed = False
-
-    async def __call__(self) -> list[tuple[str, float]]:
-        import psutil
-
-        readings = []
-        if self._primed:
-            readings.append(("cpu", float(psutil.cpu_percent(interval=None))))
-        self._primed = True
-        readings.append(("memory", float(psutil.virtual_memory().percent)))
-        readings.append(("swap", float(psutil.swap_memory().percent)))
-        # Abandoned on cancellation: a hung statvfs must not hold up the manager's exit.
-        readings += await anyio.to_thread.run_sync(_read_disks, abandon_on_cancel=True)
-        return readings
-
-
-def _read_disks() -> list[tuple[str, float]]:
-    import psutil
-
-    readings = []
-    for partition in psutil.disk_partitions(all=False):
-        try:
-            usage = psutil.disk_usage(partition.mountpoint)
-        except OSError:  # vanished, or not readable by us
-            continue
-        percent = float(usage.percent)
-        if math.isfinite(percent) and percent >= 0:  # some FUSE mounts report nonsense
-            readings.append((f"disk:{partition.mountpoint}", percent))
-    return readings
-
-
-# ---------------------------------------------------------------------- the manager
+__all__ = ["ResourceManager"]
 
 
 class ResourceManager:
@@ -606,7 +74,7 @@ class ResourceManager:
 
             await anyio.to_thread.run_sync(worker)
 
-    Example (the seed's)::
+    Example::
 
         manager = ResourceManager()
         subscription = manager.subscribe()
@@ -630,8 +98,10 @@ class ResourceManager:
         "_cache",
         "_channels",
         "_cleanup_interval",
+        "_loop",
         "_stats",
         "_task_group",
+        "_trio",
         "_watchers",
     )
 
@@ -642,23 +112,40 @@ class ResourceManager:
         cleanup_interval: float | None = None,
         cache_clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        ttl = _check_seconds("cache_ttl", cache_ttl, allow_zero=False)
+        ttl = check_seconds("cache_ttl", cache_ttl, allow_zero=False)
         self._cleanup_interval = (
             ttl
             if cleanup_interval is None
-            else _check_seconds("cleanup_interval", cleanup_interval, allow_zero=False)
+            else check_seconds("cleanup_interval", cleanup_interval, allow_zero=False)
         )
         if not callable(cache_clock):
             raise TypeError(f"cache_clock must be callable, got {type(cache_clock).__name__}")
         self._cache: Cache[str, bytes] = Cache(ttl, clock=cache_clock)
         # A tuple, replaced (never mutated) on subscribe and unsubscribe, so a fan-out in
         # progress keeps iterating over the channels it started with.
-        self._channels: tuple[_Channel, ...] = ()
+        self._channels: tuple[Channel, ...] = ()
         # Per type, UsageStatistics' fields as a tuple: replaced in one assignment (readers in
         # other threads never see half an update), and cheaper to build than the attrs class.
-        self._stats: dict[str, _Record] = {}
+        self._stats: dict[str, Record] = {}
         self._task_group: TaskGroup | None = None
-        self._watchers: set[_PoolWatcher] = set()
+        self._watchers: set[PoolWatcher] = set()
+        # The event loop this manager belongs to: bound on first use.
+        self._loop: object | None = None
+        self._trio = False
+
+    # ------------------------------------------------------------------ the event loop
+
+    def _enter(self) -> None:
+        """Check that the running event loop is this manager's (binding it on first use).
+
+        Raises RuntimeError from another event loop, before anything changes.
+        """
+        loop = self._loop
+        if loop is None:
+            self._trio, self._loop = current_loop()
+            return
+        if running_loop_or_none(self._trio) is not loop:
+            raise wrong_loop_error(self, "manager")
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -678,9 +165,9 @@ class ResourceManager:
         Returns:
             A :class:`Subscription`; close it (or let it go) to unsubscribe.
         """
-        policy = _check_overflow(overflow)
-        size = _check_buffer_size(buffer_size, policy)
-        channel = _Channel(self, size, policy == "wait")
+        policy = check_overflow(overflow)
+        size = check_buffer_size(buffer_size, policy)
+        channel = Channel(self, size, policy == "wait")
         self._channels = (*self._channels, channel)
         return Subscription(channel)
 
@@ -689,7 +176,7 @@ class ResourceManager:
         """How many subscriptions receive the usages tracked now."""
         return len(self._channels)
 
-    def _discard(self, channel: _Channel) -> None:
+    def _discard(self, channel: Channel) -> None:
         if channel in self._channels:
             self._channels = tuple(c for c in self._channels if c is not channel)
 
@@ -716,8 +203,9 @@ class ResourceManager:
         stays recorded and delivered to the others; a ``"wait"`` subscriber it had not reached
         either never receives it or took it just as the cancellation landed (never twice).
         """
-        resource_type = _check_resource_type(resource_type)
-        value = _check_usage(usage)
+        resource_type = check_resource_type(resource_type)
+        value = check_usage(usage)
+        self._enter()
         await checkpoint()
         event = self._record(resource_type, value)
         blocked = self._fan_out(event)
@@ -747,9 +235,10 @@ class ResourceManager:
 
         Checkpoint: yes. Cancellation: as for :meth:`track_resource_usage`.
         """
-        resource_type = _check_resource_type(resource_type)
-        value = _check_usage(usage)
-        seconds = _check_seconds("timeout", timeout, allow_zero=True)
+        resource_type = check_resource_type(resource_type)
+        value = check_usage(usage)
+        seconds = check_seconds("timeout", timeout, allow_zero=True)
+        self._enter()
         await checkpoint()
         event = self._record(resource_type, value)
         blocked = self._fan_out(event)
@@ -778,9 +267,9 @@ class ResourceManager:
         self._stats[resource_type] = new
         return ResourceUsage(resource_type, value, now, time.time())
 
-    def _fan_out(self, event: ResourceUsage) -> list[_Channel] | None:
+    def _fan_out(self, event: ResourceUsage) -> list[Channel] | None:
         """Send ``event`` to every subscriber that can take it now; return the others."""
-        blocked: list[_Channel] | None = None
+        blocked: list[Channel] | None = None
         try:
             return self._fan_out_to(event, iter(self._channels), blocked)
         except BaseException:
@@ -788,15 +277,15 @@ class ResourceManager:
             # those subscribers would wait behind this event forever.
             for channel in self._channels:
                 if channel.wait:
-                    _remove_identical(channel.backlog, event)
+                    remove_identical(channel.backlog, event)
             raise
 
     def _fan_out_to(
         self,
         event: ResourceUsage,
-        channels: Iterator[_Channel],
-        blocked: list[_Channel] | None,
-    ) -> list[_Channel] | None:
+        channels: Iterator[Channel],
+        blocked: list[Channel] | None,
+    ) -> list[Channel] | None:
         while True:
             try:  # around the loop, which resumes after each handled exception
                 for channel in channels:
@@ -821,7 +310,7 @@ class ResourceManager:
                 continue
             return blocked
 
-    async def _deliver_blocked(self, event: ResourceUsage, blocked: list[_Channel]) -> None:
+    async def _deliver_blocked(self, event: ResourceUsage, blocked: list[Channel]) -> None:
         if len(blocked) == 1:
             await blocked[0].deliver(event)
             return
@@ -833,12 +322,30 @@ class ResourceManager:
     # ------------------------------------------------------------------ statistics
 
     def get_usage_stats(self) -> dict[str, float]:
-        """Return the peak usage of each resource type, as the seed does."""
+        """Return the peak usage of each resource type (the Rust crate's call)."""
         return {name: record[3] for name, record in list(self._stats.items())}
 
     def usage_statistics(self) -> dict[str, UsageStatistics]:
         """Return a snapshot of what was recorded for each resource type."""
         return {name: UsageStatistics(*record) for name, record in list(self._stats.items())}
+
+    def forget(self, resource_type: str) -> bool:
+        """Drop what was recorded for ``resource_type``; return whether there was anything.
+
+        For resource types that come and go (a disk that was unmounted, a pool that was
+        closed), so that the statistics do not grow without limit. Tracking the type again
+        starts afresh. :meth:`sample_system` forgets the disks that were unmounted by itself.
+        Not a checkpoint; safe from any thread.
+
+        Raises:
+            TypeError: ``resource_type`` is not a str.
+        """
+        if not isinstance(resource_type, str):
+            raise TypeError(
+                f"resource_type must be a str, got {type(resource_type).__name__} "
+                f"{resource_type!r}"
+            )
+        return self._stats.pop(resource_type, None) is not None
 
     # ------------------------------------------------------------------ metric cache
 
@@ -850,7 +357,7 @@ class ResourceManager:
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__} {key!r}")
-        self._cache.set(key, _as_bytes(value))
+        self._cache.set(key, as_bytes(value))
 
     def get_cached_metric(self, key: str) -> bytes | None:
         """Return the metric cached under ``key``, or ``None`` if absent or expired."""
@@ -893,21 +400,19 @@ class ResourceManager:
             ValueError: ``name`` is empty or ``interval`` is not finite and positive.
         """
         task_group = self._running_task_group("watch_pool")
-        resource_type = "pool:" + _check_resource_type(name, "name")
+        resource_type = "pool:" + check_resource_type(name, "name")
         if not isinstance(pool, ResourcePool):
             raise TypeError(f"pool must be a ResourcePool, got {type(pool).__name__}")
         scope = CancelScope()
         if interval is None:
-            watcher = _PoolWatcher(pool)  # watches from now on: no change is missed
+            watcher = PoolWatcher(pool)  # watches from now on: no change is missed
             self._watchers.add(watcher)
             task_group.start_soon(self._follow_pool, resource_type, watcher, scope)
         else:
-            seconds = _check_seconds("interval", interval, allow_zero=False)
+            seconds = check_seconds("interval", interval, allow_zero=False)
 
-            async def read() -> list[tuple[str, float]]:
-                stats = pool.statistics()
-                usage = stats.leased / stats.max_size * 100.0 if stats.max_size else 0.0
-                return [(resource_type, usage)]
+            async def read() -> Readings:
+                return [(resource_type, pool_usage(pool))], []
 
             task_group.start_soon(self._sample_periodically, read, seconds, scope)
         return scope
@@ -918,7 +423,10 @@ class ResourceManager:
         Every ``interval`` seconds, until the manager exits. CPU, memory and swap are read in
         the event loop's thread (they take microseconds); disks in a worker thread, so a stale
         network mount never blocks the event loop. Partitions that cannot be read are
-        skipped. Needs the ``system`` extra: ``pip install "darwin-metrics[system]"``.
+        skipped; a disk that is unmounted is forgotten (:meth:`forget`). CPU usage is
+        measured between this sampler's own readings, so several samplers (in one manager or
+        several) do not disturb each other. Needs the ``system`` extra:
+        ``pip install "darwin-metrics[system]"``.
 
         Args:
             interval: Seconds between samples (finite and positive).
@@ -931,7 +439,7 @@ class ResourceManager:
             ModuleNotFoundError: psutil is not installed.
         """
         task_group = self._running_task_group("sample_system")
-        seconds = _check_seconds("interval", interval, allow_zero=False)
+        seconds = check_seconds("interval", interval, allow_zero=False)
         try:
             import psutil
         except ModuleNotFoundError as exc:
@@ -941,12 +449,12 @@ class ResourceManager:
             ) from exc
         del psutil  # imported to fail early, with the hint above
         scope = CancelScope()
-        task_group.start_soon(self._sample_periodically, _SystemReader(), seconds, scope)
+        task_group.start_soon(self._sample_periodically, SystemReader(), seconds, scope)
         return scope
 
     async def _sample_periodically(
         self,
-        read: Callable[[], Awaitable[list[tuple[str, float]]]],
+        read: Callable[[], Awaitable[Readings]],
         interval: float,
         scope: CancelScope,
     ) -> None:
@@ -954,13 +462,16 @@ class ResourceManager:
             due = anyio.current_time()
             while True:
                 due += interval
-                for resource_type, usage in await read():
+                readings, gone = await read()
+                for resource_type in gone:
+                    self.forget(resource_type)
+                for resource_type, usage in readings:
                     await self.track_resource_usage(resource_type, usage)
                 due = max(due, anyio.current_time())  # a late sample does not cause a burst
                 await anyio.sleep_until(due)
 
     async def _follow_pool(
-        self, resource_type: str, watcher: _PoolWatcher, scope: CancelScope
+        self, resource_type: str, watcher: PoolWatcher, scope: CancelScope
     ) -> None:
         try:
             with scope:
@@ -980,9 +491,14 @@ class ResourceManager:
             self.cleanup_cache()
 
     async def __aenter__(self) -> Self:
-        """Start the upkeep task group. Not a checkpoint."""
+        """Start the upkeep task group. Not a checkpoint.
+
+        Raises:
+            RuntimeError: The manager is already running, or belongs to another event loop.
+        """
         if self._task_group is not None:
             raise RuntimeError(f"{self!r} is already running: enter it only once at a time")
+        self._enter()
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
