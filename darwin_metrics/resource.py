@@ -9,13 +9,16 @@
 from __future__ import annotations
 
 from ._cache import Cache, CacheStatistics, EvictionCause
+from ._histogram import Histogram
 from ._manager import ResourceManager, ResourceUsage, Subscription, UsageStatistics
-from ._pool import PoolStatistics, ResourcePool
+from ._pool import PoolDisposals, PoolStatistics, ResourcePool
 
 __all__ = [
     "Cache",
     "CacheStatistics",
     "EvictionCause",
+    "Histogram",
+    "PoolDisposals",
     "PoolStatistics",
     "ResourceManager",
     "ResourcePool",

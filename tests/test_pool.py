@@ -842,19 +842,23 @@ class TestStatisticsAndRepr:
         await pool.acquire()
         await pool.release(a)
         stats = pool.statistics()
-        assert stats == PoolStatistics(
-            max_size=3,
-            size=2,
-            idle=1,
-            leased=1,
-            waiting=0,
-            created=2,
-            disposed=0,
-            acquired=2,
-            timeouts=0,
-            total_wait=0.0,
-            longest_wait=0.0,
+        assert isinstance(stats, PoolStatistics)
+        assert (stats.max_size, stats.min_idle, stats.size, stats.idle, stats.leased) == (
+            3,
+            0,
+            2,
+            1,
+            1,
         )
+        assert (stats.waiting, stats.created, stats.disposed, stats.acquired) == (0, 2, 0, 2)
+        assert (stats.timeouts, stats.total_wait, stats.longest_wait) == (0, 0.0, 0.0)
+        assert (stats.acquired_at_once, stats.acquired_after_wait, stats.waits_abandoned) == (
+            2,
+            0,
+            0,
+        )
+        assert stats.factory_errors == 0
+        assert (stats.use_time.count, stats.create_time.count, stats.wait_time.count) == (1, 2, 0)
         assert repr(pool).startswith("<darwin_metrics.ResourcePool at 0x")
         assert "1/3 leased, 1 idle, 0 waiting>" in repr(pool)
         with pytest.raises(AttributeError):

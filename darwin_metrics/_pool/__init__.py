@@ -8,6 +8,6 @@
 from __future__ import annotations
 
 from ._pool import ResourcePool
-from ._statistics import PoolStatistics
+from ._statistics import PoolDisposals, PoolStatistics
 
-__all__ = ["PoolStatistics", "ResourcePool"]
+__all__ = ["PoolDisposals", "PoolStatistics", "ResourcePool"]

@@ -55,6 +55,7 @@ import math
 import os
 import random
 import sys
+import typing
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -66,6 +67,7 @@ from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
+from .._histogram import _Recorder
 from .._lowlevel import (
     HookTimeoutError,
     Parker,
@@ -75,7 +77,7 @@ from .._lowlevel import (
 )
 from .._tasks import exit_task_group
 from ._args import check_hook, check_seconds, check_size
-from ._statistics import PoolStatistics
+from ._statistics import DisposalReason, PoolDisposals, PoolStatistics, TimingKind
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -90,6 +92,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
 _PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
 _DEFAULT_HOOK_TIMEOUT = 10.0
+_DISPOSAL_REASONS: tuple[DisposalReason, ...] = typing.get_args(DisposalReason)
 
 
 class _Entry:
@@ -172,6 +175,12 @@ class ResourcePool(Generic[T]):
             ones when they come back; each gets up to 10% less, so they don't all retire at
             once. ``None`` keeps them.
         leak_threshold: A lease held longer logs a warning that says where it was acquired.
+        on_timing: Called as ``on_timing(kind, seconds)`` with every duration the pool
+            measures: ``"wait"`` (an acquisition that waited), ``"use"`` (a lease, from
+            acquisition to return) and ``"create"`` (a factory call), for example to record
+            them in OpenTelemetry histograms. It runs synchronously in the task that measured
+            it, so it must be cheap; its errors are logged. The pool keeps its own histograms
+            in :meth:`statistics` either way.
         hook_timeout: Seconds an async ``reset`` or ``dispose`` may take (default 10). One
             that takes longer is abandoned (cancelled) with an error logged; its resource
             leaves the pool and the caller goes on. ``None`` waits for ever.
@@ -190,14 +199,18 @@ class ResourcePool(Generic[T]):
     __slots__ = (
         "__weakref__",
         "_acquired",
+        "_acquired_after_wait",
         "_check",
         "_clock",
         "_closed",
+        "_create_time",
         "_created",
         "_creating",
+        "_disposals",
         "_dispose",
         "_disposed",
         "_factory",
+        "_factory_errors",
         "_hook_timeout",
         "_idle",
         "_leak_threshold",
@@ -209,6 +222,7 @@ class ResourcePool(Generic[T]):
         "_max_lifetime",
         "_max_size",
         "_min_idle",
+        "_on_timing",
         "_owned",
         "_plain_checkout",
         "_plain_return",
@@ -221,7 +235,10 @@ class ResourcePool(Generic[T]):
         "_upkeep_due",
         "_upkeep_scope",
         "_upkeep_wakeup",
+        "_use_time",
+        "_wait_time",
         "_waiters",
+        "_waits_abandoned",
         "_watchers",
     )
 
@@ -237,6 +254,7 @@ class ResourcePool(Generic[T]):
         max_idle_time: float | None = None,
         max_lifetime: float | None = None,
         leak_threshold: float | None = None,
+        on_timing: Callable[[TimingKind, float], object] | None = None,
         hook_timeout: float | None = _DEFAULT_HOOK_TIMEOUT,
     ) -> None:
         self._max_size = check_size("max_size", max_size, 1)
@@ -248,6 +266,7 @@ class ResourcePool(Generic[T]):
             ("check", check),
             ("reset", reset),
             ("dispose", dispose),
+            ("on_timing", on_timing),
         ):
             check_hook(name, hook)
         if min_idle and factory is None:
@@ -263,6 +282,7 @@ class ResourcePool(Generic[T]):
         self._check = check
         self._reset = reset
         self._dispose = dispose
+        self._on_timing = on_timing
 
         self._idle: list[_Entry] = []
         self._leased: dict[int, _Lease] = {}
@@ -288,10 +308,17 @@ class ResourcePool(Generic[T]):
 
         self._created = 0
         self._disposed = 0
+        self._disposals: dict[DisposalReason, int] = dict.fromkeys(_DISPOSAL_REASONS, 0)
+        self._factory_errors = 0
         self._acquired = 0
+        self._acquired_after_wait = 0
+        self._waits_abandoned = 0
         self._timeouts = 0
         self._total_wait = 0.0
         self._longest_wait = 0.0
+        self._wait_time = _Recorder()
+        self._use_time = _Recorder()
+        self._create_time = _Recorder()
 
     # ------------------------------------------------------------------ introspection
 
@@ -309,17 +336,34 @@ class ResourcePool(Generic[T]):
         """Return a snapshot of the pool's state and counters (from any thread)."""
         return PoolStatistics(
             max_size=self._max_size,
+            min_idle=self._min_idle,
             size=self._size,
             idle=len(self._idle),
             leased=len(self._leased),
             waiting=len(self._waiters),
             created=self._created,
             disposed=self._disposed,
+            disposals=PoolDisposals(**self._disposals),
+            factory_errors=self._factory_errors,
             acquired=self._acquired,
+            acquired_after_wait=self._acquired_after_wait,
+            waits_abandoned=self._waits_abandoned,
             timeouts=self._timeouts,
             total_wait=self._total_wait,
             longest_wait=self._longest_wait,
+            wait_time=self._wait_time.snapshot(),
+            use_time=self._use_time.snapshot(),
+            create_time=self._create_time.snapshot(),
         )
+
+    def _timed(self, kind: TimingKind, seconds: float) -> None:
+        """Tell ``on_timing`` (set) about a duration."""
+        on_timing = self._on_timing
+        assert on_timing is not None
+        try:
+            on_timing(kind, seconds)
+        except Exception:
+            logger.exception("on_timing(%r, %r) raised", kind, seconds)
 
     def __repr__(self) -> str:
         state = ", closed" if self._closed else ""
@@ -439,8 +483,8 @@ class ResourcePool(Generic[T]):
         lease.entry = entry
         self._leased[id(entry.resource)] = lease
         self._acquired += 1
+        lease.acquired_at = self._clock()
         if self._leak_threshold is not None:
-            lease.acquired_at = anyio.current_time()
             self._schedule_upkeep(lease.acquired_at + self._leak_threshold)
         if self._watchers:
             self._notify()
@@ -450,10 +494,14 @@ class ResourcePool(Generic[T]):
         assert entry is not None
         del self._leased[id(entry.resource)]
         lease.entry = None
-        if self._leak_threshold is not None and not lease.warned:
-            now = anyio.current_time()
-            if now >= lease.acquired_at + self._leak_threshold:
-                self._warn_leak(entry.resource, lease, now - lease.acquired_at)
+        now = self._clock()
+        held = now - lease.acquired_at
+        self._use_time.observe(held)
+        if self._on_timing is not None:
+            self._timed("use", held)
+        threshold = self._leak_threshold
+        if threshold is not None and not lease.warned and now >= lease.acquired_at + threshold:
+            self._warn_leak(entry.resource, lease, held)
         if self._watchers:
             self._notify()
         return entry
@@ -469,11 +517,12 @@ class ResourcePool(Generic[T]):
             self._notify()
         return entry
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry: _Entry, reason: DisposalReason) -> None:
         """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
         del self._owned[id(entry.resource)]
         self._size -= 1
         self._disposed += 1
+        self._disposals[reason] += 1
         if self._factory is None and self._limiter is not None:
             # One token per owned resource. Lowering total_tokens never takes a token back.
             self._limiter.total_tokens = self._size
@@ -547,6 +596,7 @@ class ResourcePool(Generic[T]):
         try:
             await parker.park()
         except BaseException:
+            self._waits_abandoned += 1
             if lease.granted:  # served just as it was cancelled (asyncio): pass it all on
                 lease.granted = False
                 await self._give_up(lease)
@@ -559,11 +609,14 @@ class ResourcePool(Generic[T]):
             self._total_wait += waited
             if waited > self._longest_wait:
                 self._longest_wait = waited
+            self._wait_time.observe(waited)
+            if self._on_timing is not None:
+                self._timed("wait", waited)
 
     def _put_back(self, entry: _Entry) -> _Entry | None:
         """Return an entry that was taken out but not used (sync); the orphan if closed."""
         if self._closed:  # aclose() has already disposed the idle ones: this is ours to do
-            self._forget(entry)
+            self._forget(entry, "closed")
             return entry
         self._idle.append(entry)
         return None
@@ -614,22 +667,25 @@ class ResourcePool(Generic[T]):
             return None
         return (await self._run_hook("dispose", self._dispose, resource))[1]
 
-    async def _drop(self, entry: _Entry) -> None:
+    async def _drop(self, entry: _Entry, reason: DisposalReason) -> None:
         """Forget and dispose an entry; then raise what the dispose deferred, if anything."""
-        self._forget(entry)
+        self._forget(entry, reason)
         deferred = await self._dispose_resource(entry.resource)
         if deferred is not None:
             raise deferred
 
-    async def _dispose_entries(self, entries: Iterable[_Entry]) -> None:
+    async def _dispose_entries(
+        self, entries: Iterable[_Entry], reason: DisposalReason | None = None
+    ) -> None:
         """Forget the entries, then dispose every one of them whatever happens; then raise.
 
+        ``reason`` says why they go; ``None`` for expired entries (idle, or too old).
         Disposal is protected from cancellation and bounded by ``hook_timeout``, so every
         entry counted as disposed here has had its ``dispose`` run (or abandoned, logged).
         """
         doomed = list(entries)
         for entry in doomed:
-            self._forget(entry)
+            self._forget(entry, reason or self._expiry_reason(entry))
         deferred: BaseException | None = None
         for entry in doomed:
             deferred = await self._dispose_resource(entry.resource) or deferred
@@ -641,10 +697,19 @@ class ResourcePool(Generic[T]):
         factory = self._factory
         assert factory is not None
         self._creating += 1
+        start = self._clock()
         try:
             resource = factory()
             if inspect.isawaitable(resource):
                 resource = await resource
+        except BaseException:
+            self._factory_errors += 1
+            raise
+        else:
+            took = self._clock() - start
+            self._create_time.observe(took)
+            if self._on_timing is not None:
+                self._timed("create", took)
         finally:
             self._creating -= 1
             if self._min_idle:
@@ -665,10 +730,10 @@ class ResourcePool(Generic[T]):
             ok = False
         except BaseException:
             # Cancelled mid-check: the resource's state is unknown, so it leaves the pool.
-            await self._drop(entry)
+            await self._drop(entry, "check_failed")
             raise
         if not ok:
-            await self._drop(entry)
+            await self._drop(entry, "check_failed")
         return ok
 
     async def _fill(self, lease: _Lease, entry: _Entry | None = None) -> _Lease | None:
@@ -682,7 +747,7 @@ class ResourcePool(Generic[T]):
             while True:
                 if self._closed:
                     if entry is not None:
-                        await self._drop(entry)  # handed over just before the close
+                        await self._drop(entry, "closed")  # handed over just before the close
                     raise self._closed_error()
                 idle = self._idle
                 if entry is None and idle:
@@ -693,18 +758,18 @@ class ResourcePool(Generic[T]):
                         self._max_lifetime is not None
                         and candidate.retire_at <= anyio.current_time()
                     ):
-                        await self._drop(candidate)
+                        await self._drop(candidate, "lifetime")
                         continue
                     if self._check is not None:
                         if not await self._passes_check(candidate):
                             continue
                         if self._is_closed():  # closed while the check ran
-                            await self._drop(candidate)
+                            await self._drop(candidate, "closed")
                             raise self._closed_error()
                 elif self._factory is not None and self._size + self._creating < self._max_size:
                     candidate = await self._create()
                     if self._is_closed():  # closed while the factory ran
-                        await self._drop(candidate)
+                        await self._drop(candidate, "closed")
                         raise self._closed_error()
                 else:
                     return None
@@ -727,6 +792,7 @@ class ResourcePool(Generic[T]):
         limiter = self._limiter
         assert limiter is not None
         front = False  # woken without a token, or the resource failed: keep our place
+        waited = False
         while True:
             if not holding:
                 if self._closed:
@@ -740,6 +806,7 @@ class ResourcePool(Generic[T]):
                     except WouldBlock:
                         pass
                 if not holding:
+                    waited = True
                     await self._park(lease, front)
                     if not lease.granted:
                         front = True
@@ -749,12 +816,14 @@ class ResourcePool(Generic[T]):
             entry = lease.entry  # bound when it was handed over to us
             if entry is not None:
                 if self._plain_checkout and not self._closed:
+                    self._acquired_after_wait += waited
                     return lease
                 entry = self._undo_handoff(lease)  # checked again below, as any checkout
             elif candidate is not None:
                 entry, candidate = candidate, None
             # A closed pool makes _fill raise; an empty one without factory, return None.
             if await self._fill(lease, entry) is not None:
+                self._acquired_after_wait += waited
                 return lease
             # Neither idle nor room (the pool shrank, or checks failed): wait at the head.
             self._release_token(lease)
@@ -783,6 +852,7 @@ class ResourcePool(Generic[T]):
                     entry = lease.entry = idle.pop()
                     self._leased[id(entry.resource)] = lease  # no duplicates come from idle
                     self._acquired += 1
+                    lease.acquired_at = self._clock()
                 else:
                     candidate = idle.pop()  # checked after the checkpoint
             try:
@@ -998,7 +1068,7 @@ class ResourcePool(Generic[T]):
         if lease is None:
             raise ValueError(f"{resource!r} is not leased from this pool")
         entry = self._unbind(lease)
-        self._forget(entry)
+        self._forget(entry, "discarded")
         self._release_token(lease)
         deferred = await self._dispose_resource(entry.resource)
         if deferred is not None:
@@ -1011,19 +1081,23 @@ class ResourcePool(Generic[T]):
         deferred: BaseException | None = None
         if self._reset is not None:
             ok, deferred = await self._run_hook("reset", self._reset, entry.resource)
-        if (
-            ok
-            and not self._closed
-            and self._size <= self._max_size
-            and (self._max_lifetime is None or entry.retire_at > anyio.current_time())
-        ):
+        reason: DisposalReason | None = None
+        if not ok:
+            reason = "reset_failed"
+        elif self._closed:
+            reason = "closed"
+        elif self._size > self._max_size:
+            reason = "shrunk"
+        elif self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
+            reason = "lifetime"
+        if reason is None:
             self._idle.append(entry)
             if self._max_idle_time is not None or self._max_lifetime is not None:
                 entry.idle_since = anyio.current_time()
                 self._schedule_upkeep(self._entry_due(entry))
             self._release_token(lease)
         else:
-            self._forget(entry)
+            self._forget(entry, reason)
             self._release_token(lease)
             deferred = await self._dispose_resource(entry.resource) or deferred
         if deferred is not None:
@@ -1058,7 +1132,7 @@ class ResourcePool(Generic[T]):
         if self._watchers:
             self._notify()
         self._wake_upkeep()
-        await self._dispose_entries(surplus)
+        await self._dispose_entries(surplus, "shrunk")
 
     async def retain(self, predicate: Callable[[T], bool]) -> int:
         """Dispose the idle resources for which ``predicate`` is false; return how many.
@@ -1078,7 +1152,7 @@ class ResourcePool(Generic[T]):
         for entry in self._idle:
             (keep if predicate(entry.resource) else doomed).append(entry)
         self._idle[:] = keep
-        await self._dispose_entries(doomed)
+        await self._dispose_entries(doomed, "discarded")
         return len(doomed)
 
     async def aclose(self) -> None:
@@ -1100,7 +1174,7 @@ class ResourcePool(Generic[T]):
         if self._upkeep_scope is not None:
             self._upkeep_scope.cancel()
         idle, self._idle = self._idle, []
-        await self._dispose_entries(idle)
+        await self._dispose_entries(idle, "closed")
 
     async def __aenter__(self) -> Self:
         """Start upkeep (prefill, idle reaping, retirement, leak warnings) in a task group.
@@ -1196,6 +1270,10 @@ class ResourcePool(Generic[T]):
                 else:
                     await checkpoint()
 
+    def _expiry_reason(self, entry: _Entry) -> DisposalReason:
+        """Why upkeep takes out an expired idle entry."""
+        return "lifetime" if entry.retire_at <= anyio.current_time() else "idle"
+
     def _collect_expired(self) -> list[_Entry]:
         """Take out idle resources that are past max_idle_time or max_lifetime (sync).
 
@@ -1274,7 +1352,7 @@ class ResourcePool(Generic[T]):
                 self._release_token(borrower)
                 raise
             if self._is_closed() or self._size > self._max_size:  # closed or shrunk meanwhile
-                self._forget(entry)
+                self._forget(entry, "closed" if self._is_closed() else "shrunk")
                 self._release_token(borrower)
                 deferred = await self._dispose_resource(entry.resource)
                 if deferred is not None:
@@ -1335,6 +1413,10 @@ class _LeaseContext(_Lease, Generic[T]):
             # The common case, without a coroutine: back to idle, token to the next waiter.
             del pool._leased[id(entry.resource)]
             self.entry = None
+            held = pool._clock() - self.acquired_at
+            pool._use_time.observe(held)
+            if pool._on_timing is not None:
+                pool._timed("use", held)
             pool._idle.append(entry)
             limiter = pool._limiter
             assert limiter is not None
