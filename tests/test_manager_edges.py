@@ -194,3 +194,20 @@ class TestSamplers:
         assert manager.usage_statistics()["disk:/mnt/x"].count == 1
         with pytest.raises(TypeError, match="resource_type must be a str"):
             manager.forget(1)  # type: ignore[arg-type]
+
+
+class TestMissedEvents:
+    async def test_the_total_counts_every_subscription_closed_ones_included(self) -> None:
+        manager = ResourceManager()
+        small = manager.subscribe(buffer_size=1)
+        other = manager.subscribe(buffer_size=2)
+        lossless = manager.subscribe(buffer_size=1, overflow="wait")
+        lossless.close()
+        for number in range(4):
+            await manager.track_resource_usage("cpu", number)
+        assert (small.missed, other.missed) == (3, 2)
+        assert manager.missed_events == 5
+        small.close()
+        await manager.track_resource_usage("cpu", 5)
+        assert manager.missed_events == 6
+        other.close()

@@ -99,6 +99,7 @@ class ResourceManager:
         "_channels",
         "_cleanup_interval",
         "_loop",
+        "_missed",
         "_stats",
         "_task_group",
         "_trio",
@@ -132,6 +133,7 @@ class ResourceManager:
         # The event loop this manager belongs to: bound on first use.
         self._loop: object | None = None
         self._trio = False
+        self._missed = 0
 
     # ------------------------------------------------------------------ the event loop
 
@@ -175,6 +177,15 @@ class ResourceManager:
     def subscriber_count(self) -> int:
         """How many subscriptions receive the usages tracked now."""
         return len(self._channels)
+
+    @property
+    def missed_events(self) -> int:
+        """Events dropped for ``"drop_oldest"`` subscribers whose buffer was full, in total.
+
+        The sum of every subscription's :attr:`Subscription.missed`, closed ones included:
+        it only grows (a counter, for export).
+        """
+        return self._missed
 
     def _discard(self, channel: Channel) -> None:
         if channel in self._channels:
@@ -300,6 +311,7 @@ class ResourceManager:
                     try:
                         channel.receive_nowait()  # the oldest event makes room
                         channel.missed += 1
+                        self._missed += 1
                         channel.send_nowait(event)
                     except (BrokenResourceError, ClosedResourceError, EndOfStream):
                         # Closed meanwhile (a finalizer ran when raising WouldBlock allocated).
