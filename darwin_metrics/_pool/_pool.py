@@ -57,6 +57,7 @@ import random
 import sys
 import typing
 import warnings
+from bisect import bisect_left as _bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from types import FrameType, TracebackType
@@ -67,7 +68,7 @@ from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
-from .._histogram import _Recorder
+from .._histogram import DEFAULT_BUCKETS, _Recorder
 from .._lowlevel import (
     HookTimeoutError,
     Parker,
@@ -92,6 +93,7 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
 _PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
 _DEFAULT_HOOK_TIMEOUT = 10.0
+_FIRST_BOUND = DEFAULT_BUCKETS[0]
 _DISPOSAL_REASONS: tuple[DisposalReason, ...] = typing.get_args(DisposalReason)
 
 
@@ -441,7 +443,8 @@ class ResourcePool(Generic[T]):
         self._trio = on_trio
         self._loop = loop
         # The running loop's clock, resolved once: anyio.current_time looks it up per call.
-        self._clock = _trio_current_time if on_trio else asyncio.get_running_loop().time
+        # The run's clock object on trio (trio.current_time() looks it up on every call).
+        self._clock = _trio_clock().current_time if on_trio else asyncio.get_running_loop().time
         self._limiter = limiter
         return limiter
 
@@ -834,44 +837,62 @@ class ResourcePool(Generic[T]):
         """Acquire a lease: the one template behind acquire, lease and their timeouts."""
         if self._closed:
             raise self._closed_error()
-        limiter = self._enter()
-        holding = False
-        candidate = None
+        # The event loop check of _enter, inline: this is every acquisition's path.
+        try:
+            running = _trio_token() if self._trio else _get_running_loop()
+        except RuntimeError:
+            running = None
+        limiter = self._limiter
+        if running is not self._loop or limiter is None:
+            limiter = self._enter()  # binds on first use; raises from another loop
         if not self._waiters:  # with tasks queued, newcomers queue behind them
             try:
                 limiter.acquire_on_behalf_of_nowait(lease)
-                holding = True
             except WouldBlock:
                 pass
-        if holding:
-            # Fast path: take the resource, then one checkpoint; if that is cancelled, put
-            # everything back. Taking it first means it is never seen idle while a task waits.
-            idle = self._idle
-            if idle:
-                if self._plain_checkout:
+            else:
+                idle = self._idle
+                if idle and self._plain_checkout:
+                    # Fast path: take the resource, then one checkpoint; if that is cancelled,
+                    # put everything back. Taking it first means it is never seen idle while a
+                    # task waits.
                     entry = lease.entry = idle.pop()
                     self._leased[id(entry.resource)] = lease  # no duplicates come from idle
                     self._acquired += 1
                     lease.acquired_at = self._clock()
-                else:
-                    candidate = idle.pop()  # checked after the checkpoint
-            try:
-                if self._trio:
-                    await _trio_checkpoint()
-                else:
-                    await asyncio.sleep(0)
-            except BaseException:
-                await self._give_up(lease, candidate)
-                raise
-            if lease.entry is not None:
-                if not self._is_closed():
-                    return lease
-                await self._give_up(lease)  # closed during the checkpoint
-                raise self._closed_error()
+                    try:
+                        if self._trio:
+                            await _trio_checkpoint()
+                        else:
+                            await asyncio.sleep(0)
+                    except BaseException:
+                        await self._give_up(lease)
+                        raise
+                    if self._idle is idle:  # not closed meanwhile: aclose() swaps the list
+                        return lease
+                    await self._give_up(lease)
+                    raise self._closed_error()
+                return await self._take_holding(lease, timeout)
         elif self._factory is None and self._size == 0:
             # Waiting could never end: answer at once, before any timeout starts.
             await self._checkpoint()
             return None
+        return await self._finish_take(lease, False, None, timeout)
+
+    async def _take_holding(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+        """Acquire for a lease that holds a token, when the fast path does not apply."""
+        idle = self._idle
+        candidate = idle.pop() if idle else None  # checked after the checkpoint
+        try:
+            await self._checkpoint()
+        except BaseException:
+            await self._give_up(lease, candidate)
+            raise
+        return await self._finish_take(lease, True, candidate, timeout)
+
+    async def _finish_take(
+        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float | None
+    ) -> _Lease | None:
         if timeout is None:
             taken = await self._slow_take(lease, holding, candidate)
         else:
@@ -1414,7 +1435,12 @@ class _LeaseContext(_Lease, Generic[T]):
             del pool._leased[id(entry.resource)]
             self.entry = None
             held = pool._clock() - self.acquired_at
-            pool._use_time.observe(held)
+            use = pool._use_time  # its observe(), inline: this is every return's path
+            if held <= _FIRST_BOUND:  # a lease in a hot loop: no bisect needed
+                use.counts[0] += 1
+            else:
+                use.counts[_bisect_left(use.bounds, held)] += 1
+            use.sum += held
             if pool._on_timing is not None:
                 pool._timed("use", held)
             pool._idle.append(entry)
@@ -1431,17 +1457,17 @@ class _LeaseContext(_Lease, Generic[T]):
 _get_running_loop = asyncio.get_running_loop
 if TYPE_CHECKING:
     _trio_checkpoint = checkpoint
-    _trio_current_time = anyio.current_time
 
     def _trio_token() -> object: ...
+    def _trio_clock() -> Any: ...
 else:
     try:
-        from trio import current_time as _trio_current_time
         from trio.lowlevel import checkpoint as _trio_checkpoint
+        from trio.lowlevel import current_clock as _trio_clock
         from trio.lowlevel import current_trio_token as _trio_token
     except ImportError:  # trio is optional; the pool never calls these without it
         _trio_checkpoint = checkpoint
-        _trio_current_time = anyio.current_time
+        _trio_clock = None
 
         def _trio_token() -> object:
             raise RuntimeError("trio is not installed")
