@@ -48,7 +48,17 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import ModuleType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    cast,
+    final,
+    overload,
+)
 from urllib.parse import urlparse
 
 import anyio
@@ -74,6 +84,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisCache", "RedisCacheStatistics"]
 
 V = TypeVar("V")
+V_co = TypeVar("V_co", covariant=True)
 T = TypeVar("T")
 Key = str | bytes
 
@@ -163,6 +174,16 @@ def _check_url(url: str) -> None:
             raise ValueError(f"a {parsed.scheme}:// URL needs a host name, got {url!r}")
     else:
         raise ValueError(f"the URL must start with redis://, rediss:// or unix://, got {url!r}")
+
+
+class _LocalLookup(Protocol[V_co]):
+    """The signature of :attr:`RedisCache.get_local` (``Cache.get``)."""
+
+    @overload
+    def __call__(self, key: Key) -> V_co | None: ...
+
+    @overload
+    def __call__(self, key: Key, default: T) -> V_co | T: ...
 
 
 class _Watch:
@@ -319,6 +340,16 @@ class RedisCache(Generic[V]):
         ImportError: coredis is not installed (``pip install 'darwin-metrics[redis]'``).
     """
 
+    #: The in-process lookup: ``get_local(key, default=None)`` returns the value this process
+    #: caches for ``key``, or ``default``; never any I/O, lock-free, not a checkpoint. It is the
+    #: in-process :meth:`Cache.get <darwin_metrics.resource.Cache.get>` itself, so that a hit
+    #: costs what a hit of a plain :class:`~darwin_metrics.resource.Cache` costs: it does not
+    #: check the key's type (a key that is not ``str`` or ``bytes`` is never cached, so it
+    #: misses; an unhashable one raises :exc:`TypeError`). The cache is empty while the
+    #: listener is not listening and once the tier is closed, so a miss says nothing about
+    #: the server.
+    get_local: _LocalLookup[V]
+
     __slots__ = (
         "__weakref__",
         "_client",
@@ -356,6 +387,7 @@ class RedisCache(Generic[V]):
         "_url",
         "_watches",
         "_writes",
+        "get_local",
     )
 
     def __init__(
@@ -428,6 +460,7 @@ class RedisCache(Generic[V]):
         self._clock = time.monotonic
         # Cache validates maxsize (TypeError / ValueError).
         self._l1: Cache[Key, V] = Cache(self._local_ttl, maxsize=maxsize, clock=self._clock)
+        self.get_local = self._l1.get
 
         self._state = _State.NEW
         self._thread: int | None = None
@@ -534,31 +567,6 @@ class RedisCache(Generic[V]):
                 await client.__aexit__(None, None, None)
 
     # -- lookups ------------------------------------------------------------------------------
-
-    @overload
-    def get_local(self, key: Key) -> V | None: ...
-
-    @overload
-    def get_local(self, key: Key, default: T) -> V | T: ...
-
-    def get_local(self, key: Key, default: T | None = None) -> V | T | None:
-        """Return the value this process caches for ``key``, or ``default``; never any I/O.
-
-        The in-process cache alone: lock-free, not a checkpoint. It is empty while the
-        listener is not listening, so a miss says nothing about the server.
-
-        Raises:
-            TypeError: ``key`` is not ``str`` or ``bytes``.
-        """
-        try:
-            value = self._l1.get(key, _MISSING)
-        except TypeError:
-            self._raw(key)
-            raise
-        if value is _MISSING:
-            self._raw(key)
-            return default
-        return value
 
     @overload
     async def get(self, key: Key) -> V | None: ...
