@@ -10,7 +10,7 @@ import hashlib
 
 import attrs
 
-__all__ = ["ACQUIRE", "ACQUIRED", "EXISTS", "READ", "RELEASE", "STORE", "Script"]
+__all__ = ["ACQUIRE", "ACQUIRED", "EXISTS", "RELEASE", "STORE", "Script"]
 
 
 @attrs.frozen
@@ -25,15 +25,6 @@ class Script:
     def _sha(self) -> str:
         return hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
 
-
-#: ``READ(data)``: ``{}`` when the key is absent, else ``{value, pttl}`` (``pttl`` is -1 for
-#: a key without expiry), read at one instant.
-READ = Script(
-    "read",
-    "local v = redis.call('GET', KEYS[1]) "
-    "if not v then return {} end "
-    "return {v, redis.call('PTTL', KEYS[1])}",
-)
 
 #: ``ACQUIRE(data, lock; token, px)``: :data:`EXISTS` if the value is there (read it),
 #: :data:`ACQUIRED` if this caller now holds the load lock for ``px`` ms, else the lock's

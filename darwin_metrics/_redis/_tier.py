@@ -21,8 +21,8 @@ How it stays coherent:
   flight across the change fills it. While the listener is down, L1 stays empty and every
   read goes to L2 (bypass); a ``PING`` every half ``keepalive`` (or any push) proves the
   connection alive, so a silent one is given up within one ``keepalive``.
-- The fill's ttl is capped at the key's remaining L2 ttl (``PTTL``, read atomically with the
-  value by one script), less the read's round trip.
+- The fill's ttl is capped at the key's remaining L2 ttl (``PTTL``, sent with the ``GET`` in
+  the same round trip), less the read's round trip.
 - A write goes to L2, then drops the key from this process's L1 at once and counts as an
   invalidation for in-flight reads, so the process reads its own writes; other processes
   drop the key when the server's invalidation reaches them.
@@ -1071,16 +1071,15 @@ class RedisCache(Generic[V]):
             epoch = self._epoch if self._listening else -1
             seen = watch.invalidations
             sent = self._clock()
-            reply = await self._script(_scripts.READ, (raw,), ())
-            if not reply:
+            data, pttl = await self._get_with_ttl(raw)
+            if data is None:
                 self._remote_misses += 1
                 return _MISSING
-            data, pttl = reply
-            value = self._loads_value(cast("bytes", data), key)
+            value = self._loads_value(data, key)
             self._remote_hits += 1
             if epoch == self._epoch and seen == watch.invalidations:
                 ttl = self._local_ttl
-                if isinstance(pttl, int) and pttl >= 0:
+                if pttl >= 0:
                     ttl = min(ttl, pttl / 1000 - (self._clock() - sent))
                 if ttl > 0:
                     self._l1.set(key, value, ttl=ttl)
@@ -1094,8 +1093,41 @@ class RedisCache(Generic[V]):
     async def _load_scripts(self) -> None:
         client = self._client
         assert client is not None
-        for script in (_scripts.READ, _scripts.ACQUIRE, _scripts.STORE, _scripts.RELEASE):
+        for script in (_scripts.ACQUIRE, _scripts.STORE, _scripts.RELEASE):
             await client.script_load(script.source)
+
+    async def _get_with_ttl(self, raw: bytes) -> tuple[bytes | None, int]:
+        """``GET`` and ``PTTL`` of ``raw``, sent together on one pooled connection.
+
+        One round trip, like a ``GET``: the two commands go out back to back, as coredis sends
+        a non-blocking command (take a connection, queue the request, release the connection,
+        await the reply). Another client's write may land between them; its invalidation then
+        reaches the race guard, so the pair never fills L1 with a mismatched ttl. One retry if
+        the pooled connection turns out to be dead (as coredis's own default policy does).
+        """
+        client = self._client
+        assert client is not None
+        assert self._errors is not None
+        unavailable = self._errors[0]
+        pool = client.connection_pool
+        for attempt in (1, 2):
+            try:
+                connection = await pool.get_connection()
+                try:
+                    value = connection.create_request(b"GET", raw, decode=False)
+                    ttl = connection.create_request(b"PTTL", raw, decode=False)
+                finally:
+                    pool.release(connection)
+                data = await value
+                pttl = await ttl
+            except unavailable as exc:
+                if attempt == 2:
+                    raise self._unavailable("lost the connection reading a key", exc) from exc
+                continue
+            return (data if isinstance(data, bytes) else None), (
+                pttl if isinstance(pttl, int) else -1
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _script(
         self, script: _scripts.Script, keys: Sequence[bytes], args: Sequence[bytes | int]
