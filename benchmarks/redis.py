@@ -205,7 +205,7 @@ async def _delay_rows(config: Config, backend: str, url: str) -> list[Row]:
 async def _race_rows(config: Config, backend: str, url: str) -> list[Row]:
     from tests._redis_race import run_race
 
-    keys, settle = (300, 0.5) if config.quick else (2000, 3.0)
+    keys, settle = (200, 0.3) if config.quick else (2000, 3.0)
     ours = await run_race(url, reader="tier", keys=keys, settle=settle, prefix=PREFIX + "r1:")
     theirs = await run_race(url, reader="coredis", keys=keys, settle=settle, prefix=PREFIX + "r2:")
     return [

@@ -300,6 +300,10 @@ class RedisCache(Generic[V]):
     be served (the one window the tier cannot close). Values stored by other clients under
     the prefix are seen the same way; their bytes must be something ``serializer`` reads.
 
+    **Timeouts.** An operation on the server waits as long as the coredis client does: give
+    the client a ``stream_timeout`` (in a URL: ``redis://host/0?stream_timeout=2``) or wrap
+    calls in :func:`anyio.fail_after`. The listener bounds its own waits by ``keepalive``.
+
     **Use.** Enter it with ``async with`` in a long-lived task; the listener runs in the
     tier's own task group until the block ends, and the tier belongs to the event loop (and
     thread) that entered it. Works on asyncio and trio. With a URL, the tier makes its own
@@ -553,15 +557,17 @@ class RedisCache(Generic[V]):
             raise RuntimeError("the RedisCache is not open")
         self._state = _State.CLOSED
         self._set_listening(False)
-        group, self._task_group = self._task_group, None
+        group = self._task_group
         assert group is not None
         if self._listener_scope is not None:
             self._listener_scope.cancel()
         for watch in list(self._watches.values()):
             watch.changed()  # lock waiters see the tier closed
         try:
+            # Lock releases still pending run to their end (each bounded by a timeout).
             return await exit_task_group(group, exc_type, exc_val, exc_tb)
         finally:
+            self._task_group = None
             if self._owns_client and self._client is not None:
                 client, self._client = self._client, None
                 await client.__aexit__(None, None, None)
@@ -637,7 +643,7 @@ class RedisCache(Generic[V]):
             await self._command(client.set(raw, data, px=px))
             self._writes += 1
         finally:
-            self._invalidate(raw, local=True)
+            self._invalidate(raw)
 
     async def remove(self, key: Key) -> bool:
         """Delete ``key`` on the server, then drop it from this process's cache.
@@ -662,7 +668,7 @@ class RedisCache(Generic[V]):
             removed = await self._command(client.delete([raw]))
             self._removals += 1
         finally:
-            self._invalidate(raw, local=True)
+            self._invalidate(raw)
         return bool(removed)
 
     def clear_local(self) -> None:
@@ -818,7 +824,7 @@ class RedisCache(Generic[V]):
                 self._release_soon(*lock)  # the script may not have run
             raise
         finally:
-            self._invalidate(raw, local=True)
+            self._invalidate(raw)
         if reply:
             return self._loads_value(cast("bytes", reply[0]), key)  # another writer's stands
         self._writes += 1
@@ -991,7 +997,7 @@ class RedisCache(Generic[V]):
             watch.invalidations += 1
             watch.changed()
 
-    def _invalidate(self, raw: bytes, *, local: bool = False) -> None:
+    def _invalidate(self, raw: bytes) -> None:
         """``raw`` changed on the server (or this process changed it): drop it from L1."""
         prefix = self._prefix
         if not raw.startswith(prefix):
@@ -1154,7 +1160,7 @@ class RedisCache(Generic[V]):
     def _release_soon(self, lock: bytes, token: bytes) -> None:
         """Release a load lock from a background task (this may run in a cancelled task)."""
         group = self._task_group
-        if group is not None and self._state is _State.OPEN:
+        if group is not None:
             group.start_soon(self._release, lock, token)
 
     async def _release(self, lock: bytes, token: bytes) -> None:
