@@ -8,6 +8,7 @@ while ``anyio.current_time()`` moves exactly as if they had waited. Tests that n
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -21,10 +22,37 @@ import trio.testing
 from _redis_server import REQUIRE_ENV, RedisServer, ServerBinary, find_server_binary
 
 
+class _RealTimeLoop(asyncio.SelectorEventLoop):
+    """asyncio's loop, minus one race of anyio's UNIX socket streams (anyio 4.16 and master).
+
+    A receive on a UNIX socket waits for a future that an ``add_reader`` callback completes
+    with ``set_result``; the reader is removed only by the future's done callback, one
+    iteration later. When the receive is cancelled in the very iteration in which the socket
+    becomes readable (coredis cancels its reader when the writer finds the connection broken,
+    as a server shutting down makes it), the callback runs on a cancelled future and raises
+    ``InvalidStateError`` inside the loop: harmless (the reader is removed next), but anyio's
+    test runner reports it as the test's error. Exactly that case is dropped here.
+    """
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        handle = context.get("handle")
+        future = getattr(getattr(handle, "_callback", None), "__self__", None)
+        if (
+            isinstance(context.get("exception"), asyncio.InvalidStateError)
+            and isinstance(future, asyncio.Future)
+            and future.cancelled()
+            and getattr(handle, "_callback", None) == future.set_result
+        ):
+            return
+        super().call_exception_handler(context)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
     name: str = request.param
     if request.node.get_closest_marker("real_time") is not None:
+        if name == "asyncio":
+            return name, {"loop_factory": _RealTimeLoop}
         return name, {}
     if name == "asyncio":
         return name, {"loop_factory": lambda: looptime.new_event_loop(start=0)}
