@@ -11,7 +11,7 @@ How it stays coherent:
   listener drops each named key from L1; a flush clears L1.
 - The race guard. A read of L2 and an invalidation travel on different connections, so the
   reply to a read can arrive *after* the invalidation of the value it carries. Before a read
-  the tier notes how many invalidations its key has had (``_Watch.invalidations``, counted
+  the tier notes how many invalidations its key has had (``Watch.invalidations``, counted
   only while some read of the key is in flight) and the listener's *epoch*; it fills L1 only
   if neither changed by the time the reply is handled. An invalidation that the listener
   handled before the note was sent by the server before the read was processed, so the
@@ -38,8 +38,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import math
-import numbers
 import random
 import secrets
 import sys
@@ -47,7 +45,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -59,7 +57,6 @@ from typing import (
     final,
     overload,
 )
-from urllib.parse import urlparse
 
 import anyio
 import anyio.abc
@@ -70,11 +67,23 @@ from .._errors import RedisCacheError, RedisUnavailableError, SerializationError
 from .._tasks import exit_task_group
 from . import _scripts
 from ._serializers import JSONSerializer, Serializer
+from ._support import (
+    MISSING,
+    Flight,
+    Key,
+    Sentinel,
+    Watch,
+    check_url,
+    close_buffers,
+    describe,
+    duration,
+    import_coredis,
+    milliseconds,
+)
 
 if sys.version_info >= (3, 11):
     from typing import Self
 else:
-    from exceptiongroup import BaseExceptionGroup
     from typing_extensions import Self
 
 if TYPE_CHECKING:
@@ -86,7 +95,6 @@ __all__ = ["RedisCache", "RedisCacheStatistics"]
 V = TypeVar("V")
 V_co = TypeVar("V_co", covariant=True)
 T = TypeVar("T")
-Key = str | bytes
 
 _logger = logging.getLogger("darwin_metrics")
 
@@ -106,13 +114,6 @@ _LOCK_POLL = 0.05
 _RELEASE_TIMEOUT = 2.0
 
 
-class _Sentinel(enum.Enum):
-    MISSING = enum.auto()
-
-
-_MISSING: Literal[_Sentinel.MISSING] = _Sentinel.MISSING
-
-
 class _State(enum.Enum):
     NEW = "new"
     OPENING = "opening"
@@ -124,58 +125,6 @@ class _ListenerSilent(Exception):
     """The listener's connection stopped answering ``PING``."""
 
 
-def _coredis() -> ModuleType:
-    try:
-        import coredis
-        import coredis.exceptions
-    except ImportError as exc:  # pragma: no cover - the redis extra is installed in the tests
-        raise ImportError(
-            "darwin_metrics.redis needs coredis: pip install 'darwin-metrics[redis]'"
-        ) from exc
-    return coredis
-
-
-def _duration(value: object, name: str, *, optional: bool = False) -> float | None:
-    """Validate a duration argument (seconds or a timedelta) and return it in seconds."""
-    if value is None and optional:
-        return None
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
-        expected = "a number of seconds, a datetime.timedelta or None"
-        if not optional:
-            expected = "a number of seconds or a datetime.timedelta"
-        raise TypeError(f"{name} must be {expected}, not {type(value).__name__}")
-    else:
-        try:
-            seconds = float(value)
-        except OverflowError:
-            seconds = math.inf
-    if not 0.0 < seconds < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return seconds
-
-
-def _milliseconds(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
-
-
-def _check_url(url: str) -> None:
-    try:
-        parsed = urlparse(url)
-        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError as exc:
-        raise ValueError(f"not a valid Valkey/Redis URL: {url!r} ({exc})") from None
-    if parsed.scheme == "unix":
-        if not parsed.path:
-            raise ValueError(f"a unix:// URL needs the socket's path, got {url!r}")
-    elif parsed.scheme in ("redis", "rediss"):
-        if not parsed.hostname:
-            raise ValueError(f"a {parsed.scheme}:// URL needs a host name, got {url!r}")
-    else:
-        raise ValueError(f"the URL must start with redis://, rediss:// or unix://, got {url!r}")
-
-
 class _LocalLookup(Protocol[V_co]):
     """The signature of :attr:`RedisCache.get_local` (``Cache.get``)."""
 
@@ -184,56 +133,6 @@ class _LocalLookup(Protocol[V_co]):
 
     @overload
     def __call__(self, key: Key, default: T) -> V_co | T: ...
-
-
-class _Watch:
-    """What happened to one key while some task reads or waits for it."""
-
-    __slots__ = ("changes", "event", "invalidations", "users")
-
-    def __init__(self) -> None:
-        #: Invalidations of the key's value (the race guard compares this).
-        self.invalidations = 0
-        #: Invalidations of the value or of its load lock (lock waiters compare this).
-        self.changes = 0
-        #: Tasks that hold this watch; it is dropped when the last one lets go.
-        self.users = 0
-        #: Set (and dropped) at the next change, for a task waiting on another's load lock.
-        self.event: anyio.Event | None = None
-
-    def changed(self) -> None:
-        self.changes += 1
-        event = self.event
-        if event is not None:
-            self.event = None
-            event.set()
-
-
-class _Flight(Generic[V]):
-    """One ``get_or_load`` in progress in this process and, once it ends, its outcome."""
-
-    __slots__ = ("error", "event", "loaded", "owner", "traceback", "value", "waiters")
-
-    value: V
-
-    def __init__(self, owner: object) -> None:
-        self.owner = owner
-        self.loaded = False
-        self.error: BaseException | None = None
-        self.traceback: TracebackType | None = None
-        self.waiters = 0
-        self.event = anyio.Event()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.traceback = error.__traceback__
-
-    def outcome(self) -> V | Literal[_Sentinel.MISSING]:
-        if self.loaded:
-            return self.value
-        if self.error is not None:
-            raise self.error.with_traceback(self.traceback)
-        return _MISSING
 
 
 @attrs.frozen
@@ -409,11 +308,11 @@ class RedisCache(Generic[V]):
         self._url: str | None = None
         self._client: coredis.Redis[bytes] | None = None
         if isinstance(redis, str):
-            _check_url(redis)
-            _coredis()  # fail now, not at the first use, if coredis is missing
+            check_url(redis)
+            import_coredis()  # fail now, not at the first use, if coredis is missing
             self._url = redis
         else:
-            library = _coredis()
+            library = import_coredis()
             if isinstance(redis, library.RedisCluster):
                 raise TypeError(
                     "RedisCache needs a coredis.Redis (one server), not a RedisCluster"
@@ -440,10 +339,10 @@ class RedisCache(Generic[V]):
             raise ValueError("prefix must not be empty: the tier tracks every key under it")
         self._prefix = prefix_bytes
         self._prefix_text = prefix
-        seconds = _duration(ttl, "ttl")
+        seconds = duration(ttl, "ttl")
         assert seconds is not None
         self._ttl = seconds
-        local = _duration(local_ttl, "local_ttl", optional=True)
+        local = duration(local_ttl, "local_ttl", optional=True)
         self._local_ttl = seconds if local is None else local
         if serializer is None:
             serializer = cast("Serializer[V]", JSONSerializer())
@@ -456,11 +355,11 @@ class RedisCache(Generic[V]):
                 f"not {type(serializer).__name__}"
             )
         self._serializer = serializer
-        keep = _duration(keepalive, "keepalive")
+        keep = duration(keepalive, "keepalive")
         assert keep is not None
         self._keepalive = keep
-        lock = _duration(lock_timeout, "lock_timeout", optional=True)
-        self._lock_px = None if lock is None else _milliseconds(lock)
+        lock = duration(lock_timeout, "lock_timeout", optional=True)
+        self._lock_px = None if lock is None else milliseconds(lock)
         self._clock = time.monotonic
         # Cache validates maxsize (TypeError / ValueError).
         self._l1: Cache[Key, V] = Cache(self._local_ttl, maxsize=maxsize, clock=self._clock)
@@ -476,8 +375,8 @@ class RedisCache(Generic[V]):
         self._epoch = 0
         self._last_heard = 0.0
         self._listener_id: int | None = None
-        self._watches: dict[bytes, _Watch] = {}
-        self._flights: dict[bytes, _Flight[V]] = {}
+        self._watches: dict[bytes, Watch] = {}
+        self._flights: dict[bytes, Flight[V]] = {}
         self._remote_hits = 0
         self._remote_misses = 0
         self._fills = 0
@@ -508,7 +407,7 @@ class RedisCache(Generic[V]):
         if self._state is not _State.NEW:
             raise RuntimeError("a RedisCache can be entered only once")
         self._state = _State.OPENING
-        library = _coredis()
+        library = import_coredis()
         self._errors = (library.exceptions.ConnectionError, library.exceptions.NoScriptError)
         self._thread = threading.get_ident()
         owned: coredis.Redis[bytes] | None = None
@@ -600,16 +499,16 @@ class RedisCache(Generic[V]):
             RuntimeError: The tier is not open, or is used from another thread.
         """
         try:
-            value = self._l1.get(key, _MISSING)
+            value = self._l1.get(key, MISSING)
         except TypeError:
             self._raw(key)
             raise
-        if value is not _MISSING:
+        if value is not MISSING:
             return value
         raw = self._raw(key)
         self._check_open()
         found = await self._read(key, raw)
-        return default if found is _MISSING else found
+        return default if found is MISSING else found
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -720,11 +619,11 @@ class RedisCache(Generic[V]):
                 asked for the same key, which would wait for itself forever.
         """
         try:
-            value = self._l1.get(key, _MISSING)
+            value = self._l1.get(key, MISSING)
         except TypeError:
             self._raw(key)
             raise
-        if value is not _MISSING:
+        if value is not MISSING:
             return value
         raw = self._raw(key)
         if not callable(load):
@@ -745,10 +644,10 @@ class RedisCache(Generic[V]):
             flight.waiters += 1
             await flight.event.wait()
             outcome = flight.outcome()
-            if outcome is not _MISSING:
+            if outcome is not MISSING:
                 return outcome
             self._check_open()  # the loader gave up: maybe load in its place
-        flight = flights[raw] = _Flight(me)
+        flight = flights[raw] = Flight(me)
         try:
             value = await self._read_or_load(key, raw, load, px)
         except Exception as exc:
@@ -772,7 +671,7 @@ class RedisCache(Generic[V]):
             try:
                 changes = watch.changes  # before the read: a change after it wakes us below
                 value = await self._read(key, raw)
-                if value is not _MISSING:
+                if value is not MISSING:
                     return value
                 if lock_px is None:
                     return await self._load_and_store(key, raw, load, px, None)
@@ -907,7 +806,7 @@ class RedisCache(Generic[V]):
                         "RedisCache %r: the invalidation listener stopped (%s); the local "
                         "cache is bypassed until it reconnects",
                         self._prefix_text,
-                        _describe(exc),
+                        describe(exc),
                     )
                 await anyio.sleep(delay * random.uniform(0.8, 1.0))  # jitter
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -943,7 +842,7 @@ class RedisCache(Generic[V]):
             self._connection = None
             self._listener_id = None
             connection.invalidate()
-            _close_buffers(connection)
+            close_buffers(connection)
 
     async def _consume(self, connection: coredis.connection.BaseConnection) -> None:
         messages = connection.push_messages
@@ -959,7 +858,7 @@ class RedisCache(Generic[V]):
                             if isinstance(raw, bytes):
                                 self._invalidations += 1
                                 self._invalidate(raw)
-        raise _coredis().exceptions.ConnectionError("the invalidation stream ended")
+        raise import_coredis().exceptions.ConnectionError("the invalidation stream ended")
 
     async def _keep_alive(self, connection: coredis.connection.BaseConnection) -> None:
         half = self._keepalive / 2
@@ -1043,10 +942,10 @@ class RedisCache(Generic[V]):
 
     def _px(self, ttl: object) -> int:
         if ttl is None:
-            return _milliseconds(self._ttl)
-        seconds = _duration(ttl, "ttl")
+            return milliseconds(self._ttl)
+        seconds = duration(ttl, "ttl")
         assert seconds is not None
-        return _milliseconds(seconds)
+        return milliseconds(seconds)
 
     def _check_open(self) -> None:
         if self._state is not _State.OPEN:
@@ -1058,19 +957,19 @@ class RedisCache(Generic[V]):
                 "a RedisCache belongs to the event loop (and thread) that entered it"
             )
 
-    def _watch(self, raw: bytes) -> _Watch:
+    def _watch(self, raw: bytes) -> Watch:
         watch = self._watches.get(raw)
         if watch is None:
-            watch = self._watches[raw] = _Watch()
+            watch = self._watches[raw] = Watch()
         watch.users += 1
         return watch
 
-    def _unwatch(self, raw: bytes, watch: _Watch) -> None:
+    def _unwatch(self, raw: bytes, watch: Watch) -> None:
         watch.users -= 1
         if not watch.users and self._watches.get(raw) is watch:
             del self._watches[raw]
 
-    async def _read(self, key: Key, raw: bytes) -> V | Literal[_Sentinel.MISSING]:
+    async def _read(self, key: Key, raw: bytes) -> V | Literal[Sentinel.MISSING]:
         """Read ``raw`` from the server; cache the value in L1 if the race guard allows."""
         watch = self._watch(raw)
         try:
@@ -1080,7 +979,7 @@ class RedisCache(Generic[V]):
             data, pttl = await self._get_with_ttl(raw)
             if data is None:
                 self._remote_misses += 1
-                return _MISSING
+                return MISSING
             value = self._loads_value(data, key)
             self._remote_hits += 1
             if epoch == self._epoch and seen == watch.invalidations:
@@ -1198,35 +1097,4 @@ class RedisCache(Generic[V]):
         where = self._url
         if where is None and self._client is not None:
             where = str(self._client.connection_pool.location)
-        return RedisUnavailableError(f"RedisCache {doing} to {where}: {_describe(exc)}")
-
-
-def _close_buffers(connection: object) -> None:
-    """Close the memory streams of a coredis connection that never ran.
-
-    ``BaseConnection.__init__`` makes them and only ``run()`` closes them; a connection whose
-    connect failed would warn (``ResourceWarning``) when collected.
-    """
-    for name in (
-        "_push_message_buffer_in",
-        "_push_message_buffer_out",
-        "_streamed_message_buffer_in",
-        "_streamed_message_buffer_out",
-        "_write_buffer_in",
-        "_write_buffer_out",
-    ):
-        stream = getattr(connection, name, None)
-        close = getattr(stream, "close", None)
-        if callable(close):
-            close()
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line account of an error, looking inside exception groups and causes."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    cause = exc.__cause__
-    if cause is not None and str(cause) and str(cause) not in text:
-        text += f" ({cause})"
-    return text
+        return RedisUnavailableError(f"RedisCache {doing} to {where}: {describe(exc)}")
