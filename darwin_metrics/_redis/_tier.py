@@ -455,6 +455,7 @@ class RedisCache(Generic[V]):
         if self._state is not _State.OPEN:
             raise RuntimeError("the RedisCache is not open")
         self._state = _State.CLOSED
+        self._listening = False  # closing is not a disconnection
         self._set_listening(False)
         group = self._task_group
         assert group is not None
