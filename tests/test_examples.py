@@ -149,13 +149,17 @@ def test_readme_has_snippets() -> None:
 
 
 @pytest.mark.parametrize("number", range(len(readme_snippets())))
-def test_readme_snippet_runs(number: int, tmp_path: Path) -> None:
+def test_readme_snippet_runs(number: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    snippet = readme_snippets()[number]
     script = tmp_path / f"snippet_{number}.py"
-    script.write_text(readme_snippets()[number], encoding="utf-8")
+    script.write_text(snippet, encoding="utf-8")
+    env = _env()
+    if "REDIS_URL" in snippet:  # the shared cache tier's: a server of the tests' own
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
     completed = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
