@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -37,8 +38,13 @@ __all__ = [
     "HookTimeoutError",
     "Parker",
     "current_loop",
+    "get_running_loop",
     "is_interrupt",
     "run_protected",
+    "running_loop_or_none",
+    "trio_checkpoint",
+    "trio_clock",
+    "trio_token",
     "wrong_loop_error",
 ]
 
@@ -267,3 +273,22 @@ def _trio_token() -> object:
     if _trio_lowlevel is None:
         raise RuntimeError("trio is not installed")
     return _trio_lowlevel.current_trio_token()
+
+
+# The backends' own checkpoint, clock and loop identity, for hot paths that resolve them once
+# (anyio looks the running backend up on every call).
+get_running_loop = asyncio.get_running_loop
+if TYPE_CHECKING:
+    trio_checkpoint = anyio.lowlevel.checkpoint
+
+    def trio_token() -> object: ...
+    def trio_clock() -> Any: ...
+else:
+    try:
+        from trio.lowlevel import checkpoint as trio_checkpoint
+        from trio.lowlevel import current_clock as trio_clock
+        from trio.lowlevel import current_trio_token as trio_token
+    except ImportError:  # pragma: no cover - trio is optional; nothing calls these without it
+        trio_checkpoint = anyio.lowlevel.checkpoint
+        trio_clock = None
+        trio_token = _trio_token

@@ -969,15 +969,17 @@ class TestRegressions:
     async def test_upkeep_does_not_spin_while_prefill_cannot_progress(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        from darwin_metrics._pool import _upkeep
+
         iterations = 0
-        collect = ResourcePool._collect_expired
+        collect = _upkeep.collect_expired
 
         def counting(pool: ResourcePool[Any]) -> list[Any]:
             nonlocal iterations
             iterations += 1
             return collect(pool)
 
-        monkeypatch.setattr(ResourcePool, "_collect_expired", counting)
+        monkeypatch.setattr(_upkeep, "collect_expired", counting)
         async with ResourcePool(1, factory=Factory(), min_idle=1) as pool:
             async with pool.lease():
                 for _ in range(200):

@@ -52,23 +52,19 @@ import contextlib
 import inspect
 import logging
 import math
-import os
 import random
-import sys
 import typing
 import warnings
-from bisect import bisect_left as _bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 from anyio import CancelScope, WouldBlock
-from anyio.lowlevel import checkpoint
 
-from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
-from .._histogram import DEFAULT_BUCKETS, _Recorder
+from .._errors import PoolClosedError, PoolFullError, PoolTimeoutError
+from .._histogram import _Recorder
 from .._lowlevel import (
     HookTimeoutError,
     Parker,
@@ -76,8 +72,15 @@ from .._lowlevel import (
     run_protected,
     wrong_loop_error,
 )
+from .._lowlevel import get_running_loop as _get_running_loop
+from .._lowlevel import trio_checkpoint as _trio_checkpoint
+from .._lowlevel import trio_clock as _trio_clock
+from .._lowlevel import trio_token as _trio_token
 from .._tasks import exit_task_group
+from . import _upkeep
 from ._args import check_hook, check_seconds, check_size
+from ._entries import Entry, Lease, where_acquired
+from ._lease import LeaseContext
 from ._statistics import DisposalReason, PoolDisposals, PoolStatistics, TimingKind
 
 if TYPE_CHECKING:
@@ -89,43 +92,9 @@ T = TypeVar("T")
 
 logger = logging.getLogger("darwin_metrics")
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
-_PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
 _DEFAULT_HOOK_TIMEOUT = 10.0
-_FIRST_BOUND = DEFAULT_BUCKETS[0]
 _DISPOSAL_REASONS: tuple[DisposalReason, ...] = typing.get_args(DisposalReason)
-
-
-class _Entry:
-    """One resource the pool owns, with its bookkeeping."""
-
-    __slots__ = ("created_at", "idle_since", "resource", "retire_at")
-
-    def __init__(self, resource: Any, created_at: float, retire_at: float) -> None:
-        self.resource = resource
-        self.created_at = created_at
-        self.retire_at = retire_at
-        self.idle_since = created_at
-
-
-class _Lease:
-    """A lease: the limiter's borrower object, what it holds, and its place in the queue.
-
-    ``entry`` is ``None`` until the lease is bound to a resource, and again once the resource
-    was given back or discarded. ``granted`` is true while a waiter holds a token that the
-    pool handed it (with or without an entry) and has not acted on yet.
-    """
-
-    __slots__ = ("acquired_at", "entry", "granted", "parker", "warned", "where")
-
-    def __init__(self) -> None:
-        self.entry: _Entry | None = None
-        self.acquired_at = 0.0
-        self.where = ""
-        self.warned = False
-        self.granted = False
-        self.parker: Parker | None = None
 
 
 def _call_watcher(callback: Callable[[], None]) -> None:
@@ -133,19 +102,6 @@ def _call_watcher(callback: Callable[[], None]) -> None:
         callback()
     except Exception:
         logger.exception("pool watcher %r raised", callback)
-
-
-def _where_acquired() -> str:
-    """The first caller frame outside darwin_metrics and the async libraries, as file:line."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_PACKAGE_DIR) and not any(
-            part in filename for part in ("/anyio/", "/trio/", "/asyncio/", "contextlib")
-        ):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-        frame = frame.f_back
-    return "<unknown>"
 
 
 class ResourcePool(Generic[T]):
@@ -286,10 +242,10 @@ class ResourcePool(Generic[T]):
         self._dispose = dispose
         self._on_timing = on_timing
 
-        self._idle: list[_Entry] = []
-        self._leased: dict[int, _Lease] = {}
+        self._idle: list[Entry] = []
+        self._leased: dict[int, Lease] = {}
         # Every resource the pool owns, by identity: idle, leased, or being checked or reset.
-        self._owned: dict[int, _Entry] = {}
+        self._owned: dict[int, Entry] = {}
         self._size = 0
         self._creating = 0
         self._closed = False
@@ -299,7 +255,7 @@ class ResourcePool(Generic[T]):
         self._trio = False
         self._clock: Callable[[], float] = anyio.current_time
         # Leases waiting for a token, longest waiting first.
-        self._waiters: deque[_Lease] = deque()
+        self._waiters: deque[Lease] = deque()
         self._watchers: list[Callable[[], None]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._upkeep_scope: CancelScope | None = None
@@ -464,7 +420,7 @@ class ResourcePool(Generic[T]):
     def _closed_error(self) -> PoolClosedError:
         return PoolClosedError(f"{self!r} is closed")
 
-    def _new_entry(self, resource: T) -> _Entry:
+    def _new_entry(self, resource: T) -> Entry:
         """Take ownership of a resource (sync: no await between this and its placement)."""
         if id(resource) in self._owned:
             raise RuntimeError(f"the pool already owns {resource!r}: a resource joins it once")
@@ -472,7 +428,7 @@ class ResourcePool(Generic[T]):
         retire_at = math.inf
         if self._max_lifetime is not None:
             retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())
-        entry = _Entry(resource, now, retire_at)
+        entry = Entry(resource, now, retire_at)
         self._owned[id(resource)] = entry
         self._size += 1
         self._created += 1
@@ -481,7 +437,7 @@ class ResourcePool(Generic[T]):
     def _needs_clock(self) -> bool:
         return self._max_lifetime is not None or self._max_idle_time is not None
 
-    def _bind(self, lease: _Lease, entry: _Entry) -> None:
+    def _bind(self, lease: Lease, entry: Entry) -> None:
         """Record that ``lease`` holds ``entry`` (sync)."""
         lease.entry = entry
         self._leased[id(entry.resource)] = lease
@@ -492,7 +448,7 @@ class ResourcePool(Generic[T]):
         if self._watchers:
             self._notify()
 
-    def _unbind(self, lease: _Lease) -> _Entry:
+    def _unbind(self, lease: Lease) -> Entry:
         entry = lease.entry
         assert entry is not None
         del self._leased[id(entry.resource)]
@@ -504,12 +460,12 @@ class ResourcePool(Generic[T]):
             self._timed("use", held)
         threshold = self._leak_threshold
         if threshold is not None and not lease.warned and now >= lease.acquired_at + threshold:
-            self._warn_leak(entry.resource, lease, held)
+            _upkeep.warn_leak(self, entry.resource, lease, held)
         if self._watchers:
             self._notify()
         return entry
 
-    def _undo_handoff(self, lease: _Lease) -> _Entry:
+    def _undo_handoff(self, lease: Lease) -> Entry:
         """Take back a resource bound to a waiter that never used it (sync)."""
         entry = lease.entry
         assert entry is not None
@@ -520,7 +476,7 @@ class ResourcePool(Generic[T]):
             self._notify()
         return entry
 
-    def _forget(self, entry: _Entry, reason: DisposalReason) -> None:
+    def _forget(self, entry: Entry, reason: DisposalReason) -> None:
         """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
         del self._owned[id(entry.resource)]
         self._size -= 1
@@ -535,7 +491,7 @@ class ResourcePool(Generic[T]):
         if self._min_idle:
             self._wake_upkeep()
 
-    def _release_token(self, lease: _Lease) -> None:
+    def _release_token(self, lease: Lease) -> None:
         """Give back the token ``lease`` holds, and hand what it frees to the next waiters."""
         limiter = self._limiter
         assert limiter is not None
@@ -582,7 +538,7 @@ class ResourcePool(Generic[T]):
             assert parker is not None
             parker.wake()
 
-    async def _park(self, lease: _Lease, front: bool) -> None:
+    async def _park(self, lease: Lease, front: bool) -> None:
         """Wait in the queue until served (``lease.granted``) or woken for a close.
 
         On cancellation the lease leaves the queue; if it was served just as the
@@ -616,7 +572,7 @@ class ResourcePool(Generic[T]):
             if self._on_timing is not None:
                 self._timed("wait", waited)
 
-    def _put_back(self, entry: _Entry) -> _Entry | None:
+    def _put_back(self, entry: Entry) -> Entry | None:
         """Return an entry that was taken out but not used (sync); the orphan if closed."""
         if self._closed:  # aclose() has already disposed the idle ones: this is ours to do
             self._forget(entry, "closed")
@@ -624,7 +580,7 @@ class ResourcePool(Generic[T]):
         self._idle.append(entry)
         return None
 
-    async def _give_up(self, lease: _Lease, candidate: _Entry | None = None) -> None:
+    async def _give_up(self, lease: Lease, candidate: Entry | None = None) -> None:
         """Undo a checkout that did not complete: the resource back, the token to the next.
 
         ``lease`` holds a token, maybe a resource bound to it (handed over, or taken on the
@@ -670,7 +626,7 @@ class ResourcePool(Generic[T]):
             return None
         return (await self._run_hook("dispose", self._dispose, resource))[1]
 
-    async def _drop(self, entry: _Entry, reason: DisposalReason) -> None:
+    async def _drop(self, entry: Entry, reason: DisposalReason) -> None:
         """Forget and dispose an entry; then raise what the dispose deferred, if anything."""
         self._forget(entry, reason)
         deferred = await self._dispose_resource(entry.resource)
@@ -678,7 +634,7 @@ class ResourcePool(Generic[T]):
             raise deferred
 
     async def _dispose_entries(
-        self, entries: Iterable[_Entry], reason: DisposalReason | None = None
+        self, entries: Iterable[Entry], reason: DisposalReason | None = None
     ) -> None:
         """Forget the entries, then dispose every one of them whatever happens; then raise.
 
@@ -688,14 +644,14 @@ class ResourcePool(Generic[T]):
         """
         doomed = list(entries)
         for entry in doomed:
-            self._forget(entry, reason or self._expiry_reason(entry))
+            self._forget(entry, reason or _upkeep.expiry_reason(self, entry))
         deferred: BaseException | None = None
         for entry in doomed:
             deferred = await self._dispose_resource(entry.resource) or deferred
         if deferred is not None:
             raise deferred
 
-    async def _create(self) -> _Entry:
+    async def _create(self) -> Entry:
         """Make a new resource with the factory. Cancellation or an error creates nothing."""
         factory = self._factory
         assert factory is not None
@@ -719,7 +675,7 @@ class ResourcePool(Generic[T]):
                 self._wake_upkeep()  # prefill may have been waiting on this creation
         return self._new_entry(resource)
 
-    async def _passes_check(self, entry: _Entry) -> bool:
+    async def _passes_check(self, entry: Entry) -> bool:
         """Run ``check`` on an entry being checked out; dispose it if it fails."""
         check = self._check
         assert check is not None
@@ -739,7 +695,7 @@ class ResourcePool(Generic[T]):
             await self._drop(entry, "check_failed")
         return ok
 
-    async def _fill(self, lease: _Lease, entry: _Entry | None = None) -> _Lease | None:
+    async def _fill(self, lease: Lease, entry: Entry | None = None) -> Lease | None:
         """Bind a token holder to ``entry`` (handed over), an idle resource or a new one.
 
         The caller holds a token for ``lease``. Returns the bound lease, or ``None`` (still
@@ -785,8 +741,8 @@ class ResourcePool(Generic[T]):
             raise
 
     async def _slow_take(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None = None
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None = None
+    ) -> Lease | None:
         """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty.
 
         ``holding`` says whether the caller already holds a token for ``lease``, and
@@ -833,7 +789,7 @@ class ResourcePool(Generic[T]):
             holding = False
             front = True
 
-    async def _take(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+    async def _take(self, lease: Lease, timeout: float | None) -> Lease | None:
         """Acquire a lease: the one template behind acquire, lease and their timeouts."""
         if self._closed:
             raise self._closed_error()
@@ -879,7 +835,7 @@ class ResourcePool(Generic[T]):
             return None
         return await self._finish_take(lease, False, None, timeout)
 
-    async def _take_holding(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+    async def _take_holding(self, lease: Lease, timeout: float | None) -> Lease | None:
         """Acquire for a lease that holds a token, when the fast path does not apply."""
         idle = self._idle
         candidate = idle.pop() if idle else None  # checked after the checkpoint
@@ -891,19 +847,19 @@ class ResourcePool(Generic[T]):
         return await self._finish_take(lease, True, candidate, timeout)
 
     async def _finish_take(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float | None
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None, timeout: float | None
+    ) -> Lease | None:
         if timeout is None:
             taken = await self._slow_take(lease, holding, candidate)
         else:
             taken = await self._slow_take_within(lease, holding, candidate, timeout)
         if taken is not None and self._leak_threshold is not None:
-            lease.where = _where_acquired()
+            lease.where = where_acquired()
         return taken
 
     async def _slow_take_within(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None, timeout: float
+    ) -> Lease | None:
         """:meth:`_slow_take` under ``fail_after``: it costs more than the fast path."""
         try:
             with anyio.fail_after(timeout) as scope:
@@ -949,7 +905,7 @@ class ResourcePool(Generic[T]):
             RuntimeError: Called from an event loop other than the pool's.
         """
         self._validate_timeout(timeout)
-        lease = await self._take(_Lease(), timeout)
+        lease = await self._take(Lease(), timeout)
         if lease is None:
             return None
         entry = lease.entry
@@ -974,7 +930,7 @@ class ResourcePool(Generic[T]):
         if self._closed:
             raise self._closed_error()
         limiter = self._enter()
-        lease = _Lease()
+        lease = Lease()
         if self._waiters:
             await self._checkpoint()
             return None
@@ -994,13 +950,13 @@ class ResourcePool(Generic[T]):
             self._release_token(lease)
             return None
         if self._leak_threshold is not None:
-            lease.where = _where_acquired()
+            lease.where = where_acquired()
         entry = lease.entry
         assert entry is not None
         resource: T = entry.resource
         return resource
 
-    def lease(self, *, timeout: float | None = None) -> _LeaseContext[T]:
+    def lease(self, *, timeout: float | None = None) -> LeaseContext[T]:
         """Lease a resource for the duration of an ``async with`` block.
 
         ``async with pool.lease() as resource:`` acquires (as :meth:`acquire`), yields the
@@ -1026,7 +982,7 @@ class ResourcePool(Generic[T]):
         """
         if timeout is not None:
             check_seconds("timeout", timeout)
-        return _LeaseContext(self, timeout)
+        return LeaseContext(self, timeout)
 
     async def release(self, resource: T) -> None:
         """Give back a leased resource, or add a new resource to the pool.
@@ -1071,7 +1027,7 @@ class ResourcePool(Generic[T]):
             limiter.total_tokens = self._size
         if self._waiters:
             self._serve()
-        self._schedule_upkeep(self._next_due())
+        self._schedule_upkeep(_upkeep.next_due(self))
 
     async def discard(self, resource: T) -> None:
         """Dispose a leased resource and free its slot (for a resource found broken).
@@ -1095,7 +1051,7 @@ class ResourcePool(Generic[T]):
         if deferred is not None:
             raise deferred
 
-    async def _give_back(self, lease: _Lease) -> None:
+    async def _give_back(self, lease: Lease) -> None:
         """Return a leased resource to idle (or a waiter) or dispose it; never lost."""
         entry = self._unbind(lease)
         ok = True
@@ -1115,7 +1071,7 @@ class ResourcePool(Generic[T]):
             self._idle.append(entry)
             if self._max_idle_time is not None or self._max_lifetime is not None:
                 entry.idle_since = anyio.current_time()
-                self._schedule_upkeep(self._entry_due(entry))
+                self._schedule_upkeep(_upkeep.entry_due(self, entry))
             self._release_token(lease)
         else:
             self._forget(entry, reason)
@@ -1145,7 +1101,7 @@ class ResourcePool(Generic[T]):
         self._max_size = max_size
         if self._factory is not None:
             limiter.total_tokens = max_size
-        surplus: list[_Entry] = []
+        surplus: list[Entry] = []
         while self._size - len(surplus) > self._max_size and self._idle:
             surplus.append(self._idle.pop(0))  # the longest idle first
         if self._waiters:
@@ -1168,8 +1124,8 @@ class ResourcePool(Generic[T]):
         if not callable(predicate):
             raise TypeError(f"predicate must be callable, got {type(predicate).__name__}")
         self._enter()
-        keep: list[_Entry] = []
-        doomed: list[_Entry] = []
+        keep: list[Entry] = []
+        doomed: list[Entry] = []
         for entry in self._idle:
             (keep if predicate(entry.resource) else doomed).append(entry)
         self._idle[:] = keep
@@ -1217,7 +1173,7 @@ class ResourcePool(Generic[T]):
         await task_group.__aenter__()
         self._task_group = task_group
         self._upkeep_scope = CancelScope()
-        task_group.start_soon(self._upkeep, self._upkeep_scope, name=f"upkeep of {self!r}")
+        task_group.start_soon(_upkeep.run, self, self._upkeep_scope, name=f"upkeep of {self!r}")
         return self
 
     async def __aexit__(
@@ -1250,224 +1206,3 @@ class ResourcePool(Generic[T]):
         """Wake the upkeep task if it sleeps past ``due``."""
         if due < self._upkeep_due:
             self._wake_upkeep()
-
-    def _warn_leak(self, resource: object, lease: _Lease, held: float) -> None:
-        lease.warned = True
-        logger.warning(
-            "a lease of %r has been held for %.3g s (leak_threshold=%s s); acquired at %s",
-            resource,
-            held,
-            self._leak_threshold,
-            lease.where or "<unknown>",
-        )
-
-    async def _upkeep(self, scope: CancelScope) -> None:
-        backoff = 0.0
-        retry_prefill_at = -math.inf
-        with scope:
-            while True:
-                self._upkeep_wakeup = wakeup = anyio.Event()
-                self._upkeep_due = -math.inf  # awake: changes need no wake-up
-                await self._dispose_entries(self._collect_expired())
-                if anyio.current_time() >= retry_prefill_at:
-                    try:
-                        await self._prefill()
-                    except Exception:
-                        backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
-                        retry_prefill_at = anyio.current_time() + backoff
-                        logger.exception("prefill failed; retrying in %.3g s", backoff)
-                    else:
-                        backoff = 0.0
-                now = anyio.current_time()
-                due = self._next_due()
-                if retry_prefill_at > now and len(self._idle) < self._min_idle:
-                    due = min(due, retry_prefill_at)
-                # Anything else that needs upkeep sooner (a checkout below min_idle, a
-                # creation that ended, a resize) sets the wake-up event.
-                self._upkeep_due = due
-                if due > now:
-                    with anyio.move_on_after(due - now):
-                        await wakeup.wait()
-                else:
-                    await checkpoint()
-
-    def _expiry_reason(self, entry: _Entry) -> DisposalReason:
-        """Why upkeep takes out an expired idle entry."""
-        return "lifetime" if entry.retire_at <= anyio.current_time() else "idle"
-
-    def _collect_expired(self) -> list[_Entry]:
-        """Take out idle resources that are past max_idle_time or max_lifetime (sync).
-
-        The caller forgets and disposes them.
-        """
-        now = anyio.current_time()
-        doomed: list[_Entry] = []
-        if self._idle and (self._max_idle_time is not None or self._max_lifetime is not None):
-            keep: list[_Entry] = []
-            # Oldest-idle first, so the most recently used ones stay when min_idle binds.
-            removable = len(self._idle) - self._min_idle
-            for entry in self._idle:
-                if entry.retire_at <= now or (
-                    removable > 0
-                    and self._max_idle_time is not None
-                    and now >= entry.idle_since + self._max_idle_time
-                ):
-                    doomed.append(entry)
-                    removable -= 1
-                else:
-                    keep.append(entry)
-            self._idle[:] = keep
-        if self._leak_threshold is not None:
-            for lease in self._leased.values():
-                if (
-                    not lease.warned
-                    and lease.entry is not None
-                    and now >= lease.acquired_at + self._leak_threshold
-                ):
-                    self._warn_leak(lease.entry.resource, lease, now - lease.acquired_at)
-        return doomed
-
-    def _entry_due(self, entry: _Entry) -> float:
-        """When upkeep must look at an idle entry next."""
-        if self._max_idle_time is None or len(self._idle) <= self._min_idle:
-            return entry.retire_at
-        return min(entry.retire_at, entry.idle_since + self._max_idle_time)
-
-    def _next_due(self) -> float:
-        due = math.inf
-        for entry in self._idle:
-            due = min(due, self._entry_due(entry))
-        if self._leak_threshold is not None:
-            for lease in self._leased.values():
-                if not lease.warned:
-                    # The very expression _collect_expired tests, so rounding can't make
-                    # upkeep wake before it is due, again and again.
-                    due = min(due, lease.acquired_at + self._leak_threshold)
-        return due
-
-    async def _prefill(self) -> None:
-        """Create idle resources up to ``min_idle``, each under a capacity token.
-
-        Holding a token while creating keeps the limiter's promise that every token holder
-        finds an idle resource or room to create one; releasing it after the resource is
-        idle hands the new resource to the longest waiter, if any. When tasks are waiting
-        (no token to be had), prefill stands back: they create their own.
-        """
-        limiter = self._limiter
-        assert limiter is not None
-        while (
-            not self._closed
-            and self._factory is not None
-            and not self._waiters
-            and len(self._idle) + self._creating < self._min_idle
-            and self._size + self._creating < self._max_size
-        ):
-            borrower = _Lease()
-            try:
-                limiter.acquire_on_behalf_of_nowait(borrower)
-            except WouldBlock:
-                return
-            try:
-                entry = await self._create()
-            except BaseException:
-                self._release_token(borrower)
-                raise
-            if self._is_closed() or self._size > self._max_size:  # closed or shrunk meanwhile
-                self._forget(entry, "closed" if self._is_closed() else "shrunk")
-                self._release_token(borrower)
-                deferred = await self._dispose_resource(entry.resource)
-                if deferred is not None:
-                    raise deferred
-                continue
-            self._idle.append(entry)
-            self._release_token(borrower)
-
-
-class _LeaseContext(_Lease, Generic[T]):
-    """The async context manager returned by :meth:`ResourcePool.lease`.
-
-    It is its own lease record and limiter borrower: one object per lease.
-    """
-
-    __slots__ = ("_entered", "_pool", "_timeout")
-
-    def __init__(self, pool: ResourcePool[T], timeout: float | None) -> None:
-        # The _Lease fields, set here rather than through super().__init__(): this is the
-        # hot path of every lease.
-        self.entry = None
-        self.acquired_at = 0.0
-        self.where = ""
-        self.warned = False
-        self.granted = False
-        self.parker = None
-        self._pool = pool
-        self._timeout = timeout
-        self._entered = False
-
-    async def __aenter__(self) -> T:
-        if self._entered:
-            raise RuntimeError("a lease context can be entered only once")
-        self._entered = True
-        pool = self._pool
-        if await pool._take(self, self._timeout) is None:
-            raise PoolEmptyError(
-                f"{pool!r} owns no resource and has no factory: release a resource into it "
-                "or give it a factory"
-            )
-        entry = self.entry
-        assert entry is not None
-        resource: T = entry.resource
-        return resource
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # The same task entered the lease, so the event loop is the pool's: no check here.
-        entry = self.entry
-        if entry is None:
-            return  # discarded or released inside the block
-        pool = self._pool
-        if pool._plain_return and not pool._closed and pool._size <= pool._max_size:
-            # The common case, without a coroutine: back to idle, token to the next waiter.
-            del pool._leased[id(entry.resource)]
-            self.entry = None
-            held = pool._clock() - self.acquired_at
-            use = pool._use_time  # its observe(), inline: this is every return's path
-            if held <= _FIRST_BOUND:  # a lease in a hot loop: no bisect needed
-                use.counts[0] += 1
-            else:
-                use.counts[_bisect_left(use.bounds, held)] += 1
-            use.sum += held
-            if pool._on_timing is not None:
-                pool._timed("use", held)
-            pool._idle.append(entry)
-            limiter = pool._limiter
-            assert limiter is not None
-            limiter.release_on_behalf_of(self)
-            if pool._waiters:
-                pool._serve()
-        else:
-            await pool._give_back(self)
-
-
-# The backends' own checkpoint, clock and loop identity, resolved once for the hot paths.
-_get_running_loop = asyncio.get_running_loop
-if TYPE_CHECKING:
-    _trio_checkpoint = checkpoint
-
-    def _trio_token() -> object: ...
-    def _trio_clock() -> Any: ...
-else:
-    try:
-        from trio.lowlevel import checkpoint as _trio_checkpoint
-        from trio.lowlevel import current_clock as _trio_clock
-        from trio.lowlevel import current_trio_token as _trio_token
-    except ImportError:  # trio is optional; the pool never calls these without it
-        _trio_checkpoint = checkpoint
-        _trio_clock = None
-
-        def _trio_token() -> object:
-            raise RuntimeError("trio is not installed")
