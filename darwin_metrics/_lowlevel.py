@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "HookTimeoutError",
     "Parker",
     "current_loop",
+    "duration_clock",
     "get_running_loop",
     "is_interrupt",
     "run_protected",
@@ -292,3 +294,24 @@ else:
         trio_checkpoint = anyio.lowlevel.checkpoint
         trio_clock = None
         trio_token = _trio_token
+
+
+def duration_clock(on_trio: bool) -> Callable[[], float]:
+    """A clock for measuring durations in the running event loop, as cheap as it can be.
+
+    It runs at the loop's rate (virtual time under a test clock) but may have another origin:
+    only differences between its readings mean anything. On a stock asyncio loop that is
+    :func:`time.monotonic` itself (what ``loop.time()`` returns, without the method call); on
+    trio's own clock :func:`time.perf_counter` (its ``current_time()`` adds a fixed offset).
+    Any other clock (looptime, trio's ``MockClock``, uvloop) is used as it is.
+    """
+    if on_trio:
+        clock = trio_clock()
+        if type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio."):
+            return time.perf_counter
+        current_time: Callable[[], float] = clock.current_time
+        return current_time
+    loop = asyncio.get_running_loop()
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time

@@ -17,13 +17,16 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class Entry:
     """One resource the pool owns, with its bookkeeping."""
 
-    __slots__ = ("created_at", "idle_since", "resource", "retire_at")
+    __slots__ = ("created_at", "generation", "idle_since", "resource", "retire_at")
 
-    def __init__(self, resource: Any, created_at: float, retire_at: float) -> None:
+    def __init__(
+        self, resource: Any, created_at: float, retire_at: float, generation: int
+    ) -> None:
         self.resource = resource
         self.created_at = created_at
         self.retire_at = retire_at
         self.idle_since = created_at
+        self.generation = generation  # drain() disposes the resources of older generations
 
 
 class Lease:
@@ -34,13 +37,14 @@ class Lease:
     pool handed it (with or without an entry) and has not acted on yet.
     """
 
-    __slots__ = ("acquired_at", "entry", "granted", "parker", "warned", "where")
+    __slots__ = ("acquired_at", "entry", "granted", "leak_at", "parker", "warned", "where")
 
     def __init__(self) -> None:
         self.entry: Entry | None = None
         self.acquired_at = 0.0
         self.where = ""
         self.warned = False
+        self.leak_at = 0.0  # with leak_threshold: when it becomes a leak, on the loop's clock
         self.granted = False
         self.parker: Parker | None = None
 

@@ -1,23 +1,25 @@
-"""The objects ``lease()`` returns: an async context manager that is its own lease record."""
+"""What ``lease()`` and ``acquire()`` return.
+
+``lease()`` returns :class:`LeaseContext`, an async context manager that is its own lease record
+and limiter borrower. ``acquire()`` returns :class:`Acquisition`, which is awaitable (the
+resource is then the caller's to give back) and also an async context manager (the asyncpg
+habit, ``async with pool.acquire() as conn:``), which gives it back on exit as a lease does.
+"""
 
 from __future__ import annotations
 
-from bisect import bisect_left as _bisect_left
+from collections.abc import Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .._errors import PoolEmptyError
-from .._histogram import DEFAULT_BUCKETS
 from ._entries import Lease
 
 if TYPE_CHECKING:
     from ._pool import ResourcePool
 
-__all__ = ["LeaseContext"]
+__all__ = ["Acquisition", "LeaseContext"]
 
 T = TypeVar("T")
-
-_FIRST_BOUND = DEFAULT_BUCKETS[0]
 
 
 class LeaseContext(Lease, Generic[T]):
@@ -47,10 +49,7 @@ class LeaseContext(Lease, Generic[T]):
         self._entered = True
         pool = self._pool
         if await pool._take(self, self._timeout) is None:
-            raise PoolEmptyError(
-                f"{pool!r} owns no resource and has no factory: release a resource into it "
-                "or give it a factory"
-            )
+            raise pool._empty_error()
         entry = self.entry
         assert entry is not None
         resource: T = entry.resource
@@ -72,12 +71,7 @@ class LeaseContext(Lease, Generic[T]):
             del pool._leased[id(entry.resource)]
             self.entry = None
             held = pool._clock() - self.acquired_at
-            use = pool._use_time  # its observe(), inline: this is every return's path
-            if held <= _FIRST_BOUND:  # a lease in a hot loop: no bisect needed
-                use.counts[0] += 1
-            else:
-                use.counts[_bisect_left(use.bounds, held)] += 1
-            use.sum += held
+            pool._record_use(held)  # the histogram's append: folded on the acquire side
             if pool._on_timing is not None:
                 pool._timed("use", held)
             pool._idle.append(entry)
@@ -88,3 +82,57 @@ class LeaseContext(Lease, Generic[T]):
                 pool._serve()
         else:
             await pool._give_back(self)
+
+
+class Acquisition(Coroutine[Any, Any, "T | None"], Generic[T]):
+    """What :meth:`ResourcePool.acquire` returns: await it, or use it with ``async with``.
+
+    It is a coroutine (anything that takes one, such as ``asyncio.create_task``, anyio's and
+    trio's ``start_soon`` through a function, takes it), and an async context manager that
+    is a lease (see :meth:`ResourcePool.lease`): entering it acquires, leaving it gives back.
+    """
+
+    __slots__ = ("_coro", "_lease", "_pool", "_timeout")
+
+    def __init__(self, pool: ResourcePool[T], timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._lease: LeaseContext[T] | None = None
+        # Made now, so that a forgotten await warns as any coroutine does.
+        self._coro = pool._acquire(timeout)
+
+    def __await__(self) -> Generator[Any, None, T | None]:
+        return self._coro.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    async def __aenter__(self) -> T:
+        if self._lease is not None:
+            raise RuntimeError("an acquire() context can be entered only once")
+        self._coro.close()  # not awaited: the lease below acquires instead
+        pool = self._pool
+        lease = self._lease = LeaseContext(pool, self._timeout)
+        lease._entered = True
+        if await pool._take(lease, self._timeout) is None:
+            raise pool._empty_error()
+        entry = lease.entry
+        assert entry is not None
+        resource: T = entry.resource
+        return resource
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        lease = self._lease
+        assert lease is not None
+        await lease.__aexit__(exc_type, exc_value, traceback)
