@@ -862,7 +862,7 @@ class ResourcePool(Generic[T]):
                     return None
                 self._bind(lease, candidate)
                 if self._min_idle and len(idle) < self._min_idle:
-                    self._wake_upkeep()
+                    self._needs_upkeep()
                 return lease
         except BaseException:
             self._release_token(lease)
@@ -1533,6 +1533,11 @@ class ResourcePool(Generic[T]):
         wakeup = self._upkeep_wakeup
         if wakeup is not None:
             wakeup.set()
+
+    def _needs_upkeep(self) -> None:
+        """Upkeep has work (a checkout below min_idle, an idle resource to time): wake it."""
+        if self._upkeep_wakeup is not None:
+            self._upkeep_wakeup.set()
         elif self._task_group is None and not self._warned_upkeep and not self._closed:
             self._warn_no_upkeep()
 
@@ -1562,6 +1567,4 @@ class ResourcePool(Generic[T]):
     def _schedule_upkeep(self, due: float) -> None:
         """Wake the upkeep task if it sleeps past ``due``."""
         if due < self._upkeep_due:
-            self._wake_upkeep()
-        elif due < math.inf and self._task_group is None and not self._warned_upkeep:
-            self._warn_no_upkeep()
+            self._needs_upkeep()
