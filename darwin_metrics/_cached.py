@@ -243,7 +243,9 @@ def cached(
     _options.callable_or_none(key, "key")
     if not isinstance(exclude_self, bool):
         raise TypeError(f"exclude_self must be a bool, not {type(exclude_self).__name__}")
-    options: _LoadOptions[V] = _LoadOptions("cached", ttl, stale_if_error, cache_if)
+    options: _LoadOptions[V] = _LoadOptions(
+        "cached", ttl, stale_if_error, cache_if, refresh=refresh_after is not None
+    )
     seconds = (
         None
         if refresh_after is None

@@ -166,6 +166,7 @@ class Cache(Generic[K, V]):
         "_hand",
         "_hits",
         "_idle",
+        "_inserts",
         "_joined",
         "_limit",
         "_load_failures",
@@ -182,7 +183,7 @@ class Cache(Generic[K, V]):
         "_refreshers",
         "_refreshes",
         "_removals",
-        "_replacements",
+        "_replaced_expired",
         "_rich",
         "_sets",
         "_stale_served",
@@ -252,7 +253,8 @@ class Cache(Generic[K, V]):
         self._evictions = 0
         self._expirations = 0
         self._removals = 0
-        self._replacements = 0
+        self._inserts = 0
+        self._replaced_expired = 0
         self._loads = 0
         self._load_failures = 0
         self._joined = 0
@@ -289,16 +291,22 @@ class Cache(Generic[K, V]):
             value = entry.value
             now = self._clock()
             if now < expires and entry.expires is expires:
-                if self._idle is None:
-                    entry.visited = True
-                    self._hits += 1
-                    return value
-                if now < cast("_RichEntry[K, V]", entry).accessed + self._idle:
-                    cast("_RichEntry[K, V]", entry).accessed = now
-                    entry.visited = True
-                    self._hits += 1
-                    return value
-            self._drop_expired(key, entry, now)
+                entry.visited = True
+                self._hits += 1
+                return value
+            return self._get_slow(key, entry, now, default)
+        self._misses += 1
+        return default
+
+    def _get_slow(self, key: K, entry: _Entry[K, V], now: float, default: T) -> V | T:
+        """:meth:`get` of an entry that is expired, being written, or idle-checked."""
+        if self._idle is not None:
+            value = self._read(entry, now, touch=True)
+            if value is not _MISSING:
+                entry.visited = True
+                self._hits += 1
+                return value
+        self._drop_expired(key, entry, now)
         self._misses += 1
         return default
 
@@ -352,11 +360,11 @@ class Cache(Generic[K, V]):
     def _snapshot(self) -> list[tuple[K, V]]:
         """The live entries now, as ``(key, value)`` pairs; counts nothing, changes nothing."""
         now = self._clock()
+        read = self._read
         live = []
         for entry in list(self._data.values()):  # one C call: safe against other threads
-            expires = entry.expires
-            value = entry.value
-            if now < expires and entry.expires is expires and self._live(entry, now):
+            value = read(entry, now, touch=False)
+            if value is not _MISSING:
                 live.append((entry.key, value))
         return live
 
@@ -379,31 +387,56 @@ class Cache(Generic[K, V]):
     def _peek(self, key: K) -> V | Literal[_Sentinel.MISSING]:
         """The live value for ``key``, or ``_MISSING``; counts nothing, drops nothing."""
         entry = self._data.get(key)
-        if entry is not None:
+        if entry is None:
+            return _MISSING
+        return self._read(entry, self._clock(), touch=True)
+
+    def _read(
+        self, entry: _Entry[K, V], now: float, *, touch: bool
+    ) -> V | Literal[_Sentinel.MISSING]:
+        """A validated lock-free read of any kind of entry: its value if live at ``now``.
+
+        With ``touch``, a read in a cache with ``ttl_after_access`` restarts the idle time.
+        """
+        idle = self._idle
+        if idle is None:
             expires = entry.expires
             value = entry.value
-            now = self._clock()
-            if now < expires and entry.expires is expires and self._live(entry, now):
-                if self._idle is not None:
-                    cast("_RichEntry[K, V]", entry).accessed = now
+            if now < expires and entry.expires is expires:
                 return value
+            return _MISSING
+        rich = cast("_RichEntry[K, V]", entry)
+        cap = rich.cap
+        value = rich.value
+        if now < cap and rich.cap is cap and now < rich.accessed + idle:
+            if touch:
+                rich.accessed = now
+            return value
         return _MISSING
+
+    def _expiry(self, entry: _Entry[K, V]) -> float:
+        """When ``entry``'s ttl runs out (``-inf`` once buried): the float object that every
+        write of the entry replaces, which readers validate (see :meth:`_read`)."""
+        return entry.expires if self._idle is None else cast("_RichEntry[K, V]", entry).cap
+
+    def _age(self, entry: _Entry[K, V], now: float, assumed_ttl: float) -> float:
+        """How long ago ``entry`` was stored; for a plain entry, as if with ``assumed_ttl``."""
+        ttl = entry.ttl if isinstance(entry, _RichEntry) else assumed_ttl
+        return now - (self._expiry(entry) - ttl)
 
     def _live(self, entry: _Entry[K, V], now: float) -> bool:
         """Whether ``entry`` is visible at ``now``: its ttl and its idle time allow it."""
-        if now >= entry.expires:
-            return False
-        idle = self._idle
-        return idle is None or now < cast("_RichEntry[K, V]", entry).accessed + idle
+        # Spelled so that the comparison is float's own even if the clock returns a float
+        # subclass: what runs under the lock must not call back into the cache.
+        return not self._deadline(entry) <= now
 
     def _deadline(self, entry: _Entry[K, V]) -> float:
         """When ``entry`` stops being visible, unless it is read (or stored) before then."""
-        expires = entry.expires
-        if self._idle is not None:
-            idle_end = cast("_RichEntry[K, V]", entry).accessed + self._idle
-            if idle_end < expires:
-                return idle_end
-        return expires
+        if self._idle is None:
+            return entry.expires
+        rich = cast("_RichEntry[K, V]", entry)
+        idle_end = rich.accessed + self._idle
+        return idle_end if idle_end < rich.cap else rich.cap
 
     def _droppable(self, entry: _Entry[K, V], now: float) -> bool:
         """Whether ``entry`` is expired and past the time it is kept for ``stale_if_error``."""
@@ -452,17 +485,15 @@ class Cache(Generic[K, V]):
                 old_expires = old.expires
                 old.expires = _DEAD
                 old.value = value
-                old.ttl = ttl_s
                 old.expires = expires
                 old.visited = True  # SIEVE counts an update as a hit
                 if old_expires <= now:
                     self._expirations += 1
+                    self._replaced_expired += 1
                     if self._on_evict is not None:
                         departed = [(key, old_value, _EXPIRED)]
-                else:
-                    self._replacements += 1
-                    if self._on_evict is not None:
-                        departed = [(key, old_value, _REPLACED)]
+                elif self._on_evict is not None:
+                    departed = [(key, old_value, _REPLACED)]
             else:
                 # A full sweep of expired entries costs O(n): it runs only when some entry has
                 # expired, and at most once per n/2 sets, so that it costs O(1) per set.
@@ -475,9 +506,9 @@ class Cache(Generic[K, V]):
                 entry.key = key
                 entry.value = value
                 entry.expires = expires
-                entry.ttl = ttl_s
                 entry.visited = False
                 data[key] = entry
+                self._inserts += 1
                 if self._queue is not None:
                     self._queue.append(entry)
             if expires < self._next_expiry:
@@ -581,78 +612,94 @@ class Cache(Generic[K, V]):
         stale: float,
         weight: int,
         departed: _Departed,
-    ) -> _Entry[K, V]:
+        rich: bool = False,
+    ) -> None:
         """Store ``value`` for ``key``: the general path, for every kind of cache and entry.
 
         ``stale`` keeps the entry that long after it expired (``stale_if_error``); ``weight``
-        is the weigher's checked verdict. Returns the entry that holds the value now.
+        is the weigher's checked verdict; ``rich`` asks for a :class:`_RichEntry` (which knows
+        its ttl, for refresh ahead).
         """
         data = self._data
         expires = now + ttl
+        idle = self._idle
         old = data.get(key)
         self._sets += 1
-        rich = self._rich or stale > 0.0
+        rich = rich or self._rich or stale > 0.0
         if old is not None and (not rich or isinstance(old, _RichEntry)):
-            # In place, keeping its place in SIEVE's queue; readers validate (see _Entry).
+            # In place, keeping its place in SIEVE's queue; readers validate (see _Entry): the
+            # expiry they check is invalidated first and published last.
             old_value = old.value
             live = self._live(old, now)
-            old.expires = _DEAD
-            old.value = value
-            old.ttl = ttl
             if isinstance(old, _RichEntry):
+                if idle is None:
+                    old.expires = _DEAD
+                else:
+                    old.cap = _DEAD
+                old.value = value
+                old.ttl = ttl
                 old.stale = stale
                 old.accessed = now
                 if self._weigher is not None:
                     self._weight += weight - old.weight
                     old.weight = weight
-            old.expires = expires
+                if idle is None:
+                    old.expires = expires
+                else:
+                    old.cap = expires
+            else:
+                old.expires = _DEAD
+                old.value = value
+                old.expires = expires
             old.visited = True
             if live:
-                self._replacements += 1
                 departed.append((key, old_value, _REPLACED))
             else:
                 self._expirations += 1
+                self._replaced_expired += 1
                 departed.append((key, old_value, _EXPIRED))
             if self._max_weight is not None and self._weight > self._max_weight:
                 while self._weight > self._max_weight:
                     self._evict_one(now, departed, protect=old)
                 if self._dead > len(data):
                     self._compact()
-            entry = old
         else:
             if old is not None:
-                # A plain entry that now needs a stale window: a new entry takes its place.
+                # A plain entry that now needs to be a rich one: a new entry takes its place.
                 del data[key]
                 self._bury(old, not self._live(old, now), departed, _REPLACED)
+            else:
+                self._inserts += 1
             if (
                 len(data) >= self._limit
                 or (self._max_weight is not None and self._weight + weight > self._max_weight)
                 or (now >= self._next_expiry and 2 * (self._sets - self._swept_at) >= len(data))
             ):
                 self._make_room(now, weight, departed)
+            entry: _Entry[K, V]
             if rich:
                 rich_entry: _RichEntry[K, V] = _RichEntry()
+                rich_entry.ttl = ttl
                 rich_entry.stale = stale
                 rich_entry.accessed = now
                 rich_entry.weight = weight
+                rich_entry.cap = expires
                 entry = rich_entry
             else:
                 entry = _Entry()
             entry.key = key
             entry.value = value
-            entry.expires = expires
-            entry.ttl = ttl
+            entry.expires = expires if idle is None else _DEAD
             entry.visited = False
             data[key] = entry
             self._weight += weight
             if self._queue is not None:
                 self._queue.append(entry)
         deadline = expires
-        if self._idle is not None and now + self._idle < expires:
-            deadline = now + self._idle
+        if idle is not None and now + idle < expires:
+            deadline = now + idle
         if deadline < self._next_expiry:
             self._next_expiry = deadline
-        return entry
 
     def _make_room(self, now: float, weight: int, departed: _Departed) -> None:
         """Before a new key of ``weight`` is inserted: drop expired entries, then evict until
@@ -847,13 +894,14 @@ class Cache(Generic[K, V]):
         """
         if expired:
             self._expirations += 1
+            if cause is _REPLACED:
+                self._replaced_expired += 1
             cause = _EXPIRED
         elif cause is _SIZE:
             self._evictions += 1
         elif cause is _REMOVED:
             self._removals += 1
-        else:
-            self._replacements += 1
+        # A live replacement is counted by what it is not: see statistics().
         departed.append((entry.key, entry.value, cause))
         if self._weigher is not None:
             self._weight -= cast("_RichEntry[K, V]", entry).weight
@@ -926,8 +974,11 @@ class Cache(Generic[K, V]):
             departed.append((entry.key, entry.value, _SIZE))
         if self._weigher is not None:
             self._weight -= cast("_RichEntry[K, V]", entry).weight
-        entry.expires = _DEAD
-        entry.value = _GONE
+        if plain:
+            entry.expires = _DEAD
+            entry.value = _GONE
+        else:
+            entry.bury()
         self._dead += 1
 
     def _compact(self) -> None:
@@ -1116,7 +1167,9 @@ class Cache(Generic[K, V]):
             options = _loading.PLAIN_GET_OR_LOAD
             value = self.get(key, _MISSING)
         else:
-            options = _loading.options("get_or_load", ttl, stale_if_error, cache_if)
+            options = _loading.options(
+                "get_or_load", ttl, stale_if_error, cache_if, refresh=refresh_after is not None
+            )
             if refresh_after is None:
                 value = self.get(key, _MISSING)
             else:
@@ -1180,7 +1233,7 @@ class Cache(Generic[K, V]):
         if not callable(load_many):
             raise TypeError(f"load_many must be callable, not {type(load_many).__name__}")
         options: _LoadOptions[V] = _loading.options(
-            "get_or_load_many", ttl, stale_if_error, cache_if
+            "get_or_load_many", ttl, stale_if_error, cache_if, refresh=refresh_after is not None
         )
         seconds = (
             None
@@ -1245,7 +1298,8 @@ class Cache(Generic[K, V]):
                 evictions=self._evictions,
                 expirations=self._expirations,
                 removals=self._removals,
-                replacements=self._replacements,
+                # Every store inserted an entry, replaced an expired one, or replaced a live one.
+                replacements=self._sets - self._inserts - self._replaced_expired,
                 loads=self._loads,
                 load_failures=self._load_failures,
                 joined=self._joined,

@@ -59,19 +59,19 @@ class _Entry(Generic[K, V]):
     """One cached value. Changed only under the cache's lock, except for ``visited``.
 
     Readers take no lock; they validate what they read as the cache's docstring says. Built by
-    ``_Entry()`` and five attribute stores: without an ``__init__`` that costs about half of a
-    call to a Python ``__init__`` on CPython 3.11. With ``__slots__`` an entry takes 72 bytes.
+    ``_Entry()`` and four attribute stores: without an ``__init__`` that costs about half of a
+    call to a Python ``__init__`` on CPython 3.11. With ``__slots__`` an entry takes 64 bytes.
     """
 
-    __slots__ = ("expires", "key", "ttl", "value", "visited")
+    __slots__ = ("expires", "key", "value", "visited")
 
     key: K
     value: V
-    #: When the entry stops being visible, by the cache's clock; ``_DEAD`` once buried.
+    #: Until when a lock-free reader may return the value without looking at anything else,
+    #: by the cache's clock: the entry's expiry. ``_DEAD`` once buried, and always ``_DEAD``
+    #: for an entry of a cache with ``ttl_after_access``, whose readers must also check its
+    #: idle time (its expiry is then ``_RichEntry.cap``).
     expires: float
-    #: The ttl it was stored with, so that its age is ``now - (expires - ttl)``. Usually the
-    #: cache's own ttl object, shared by every entry: 8 bytes, not a float per entry.
-    ttl: float
     #: SIEVE's bit: looked up since the eviction hand last passed. Set without the lock.
     visited: bool
 
@@ -82,19 +82,28 @@ class _Entry(Generic[K, V]):
 
 
 class _RichEntry(_Entry[K, V]):
-    """An entry with what only some caches need: a weight, the time of the last access, and
-    how long it is kept after it expired so that a failed load can still return it.
+    """An entry with what only some entries need (96 bytes).
 
     Every entry of a cache with a ``weigher`` or ``ttl_after_access`` is one; in other caches,
-    only the entries stored by a load with ``stale_if_error``.
+    the entries stored by a load with ``stale_if_error`` or ``refresh_after``.
     """
 
-    __slots__ = ("accessed", "stale", "weight")
+    __slots__ = ("accessed", "cap", "stale", "ttl", "weight")
 
+    #: The ttl it was stored with, so that its age is ``expiry - ttl`` ago (for refreshes).
+    ttl: float
     #: The weigher's verdict; only read in a cache with a weigher.
     weight: int
-    #: The last time it was stored or read; only read in a cache with ``ttl_after_access``.
-    #: Stored by lock-free readers too.
-    accessed: float
     #: Seconds it is kept, invisible, after it expired (``stale_if_error``); 0.0 for none.
     stale: float
+    #: In a cache with ``ttl_after_access``: its expiry (``expires`` stays ``_DEAD`` there),
+    #: validated by readers as ``expires`` is elsewhere, and ``_DEAD`` once buried.
+    cap: float
+    #: In a cache with ``ttl_after_access``: when it was last stored or read. Stored by
+    #: lock-free readers too.
+    accessed: float
+
+    def bury(self) -> None:
+        self.expires = _DEAD
+        self.cap = _DEAD
+        self.value = _GONE

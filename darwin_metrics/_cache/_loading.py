@@ -37,11 +37,13 @@ _PLAIN = {name: _LoadOptions[Any](name) for name in ("get_or_set", "get_or_load_
 _PLAIN["get_or_load"] = PLAIN_GET_OR_LOAD
 
 
-def options(name: str, ttl: object, stale_if_error: object, cache_if: object) -> _LoadOptions[Any]:
+def options(
+    name: str, ttl: object, stale_if_error: object, cache_if: object, *, refresh: bool = False
+) -> _LoadOptions[Any]:
     """The checked options of one call; a shared object when there are none."""
-    if ttl is None and stale_if_error is None and cache_if is None:
+    if ttl is None and stale_if_error is None and cache_if is None and not refresh:
         return _PLAIN[name]
-    return _LoadOptions(name, ttl, stale_if_error, cache_if)
+    return _LoadOptions(name, ttl, stale_if_error, cache_if, refresh=refresh)
 
 
 def _awaitable(value: object) -> bool:
@@ -100,9 +102,11 @@ def store_loaded(
         if refreshed is not None:
             current = cache._data.get(key)
             entry, expires = refreshed
-            if current is not None and (current is not entry or entry.expires is not expires):
+            if current is not None and (
+                current is not entry or cache._expiry(entry) is not expires
+            ):
                 return
-        cache._store_locked(key, value, now, ttl, stale, weight, departed)
+        cache._store_locked(key, value, now, ttl, stale, weight, departed, options.rich)
     finally:
         cache._lock.release()
     if departed and cache._on_evict is not None:
@@ -131,10 +135,10 @@ def _stale_lookup(
     entry = cache._data.get(key)
     if entry is None:
         return _MISSING, False
-    expires = entry.expires
+    expires = cache._expiry(entry)
     value = entry.value
     now = cache._clock()
-    if entry.expires is not expires or value is _GONE:
+    if cache._expiry(entry) is not expires or value is _GONE:
         return _MISSING, False
     if cache._live(entry, now):
         return value, False  # stored meanwhile: not stale at all

@@ -91,9 +91,11 @@ class _LoadOptions(Generic[V]):
     """The rules a load applies to its result, validated once.
 
     ``name`` names the operation in error messages (``get_or_load``, a decorated function).
+    ``rich``: the entries it stores must know their ttl and stale window (a
+    :class:`~._entry._RichEntry`), for refresh ahead and stale-if-error.
     """
 
-    __slots__ = ("cache_if", "name", "stale_if_error", "ttl")
+    __slots__ = ("cache_if", "name", "rich", "stale_if_error", "ttl")
 
     def __init__(
         self,
@@ -101,12 +103,20 @@ class _LoadOptions(Generic[V]):
         ttl: object = None,
         stale_if_error: object = None,
         cache_if: object = None,
+        *,
+        refresh: bool = False,
     ) -> None:
         self.name = name
         self.ttl = ttl_rule(ttl)
         self.stale_if_error = optional_seconds(stale_if_error, "stale_if_error")
         callable_or_none(cache_if, "cache_if")
         self.cache_if = cast("Callable[[V], object] | None", cache_if)
+        self.rich = refresh or self.stale_if_error is not None
+
+    @property
+    def assumed_ttl(self) -> float | None:
+        """The ttl its entries have, if it does not depend on the value."""
+        return self.ttl if isinstance(self.ttl, float) else None
 
     def named(self, name: str) -> _LoadOptions[V]:
         """The same options, naming another operation in error messages."""
@@ -114,6 +124,7 @@ class _LoadOptions(Generic[V]):
         copy.ttl = self.ttl
         copy.stale_if_error = self.stale_if_error
         copy.cache_if = self.cache_if
+        copy.rich = self.rich
         return copy
 
 

@@ -15,14 +15,14 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from .._tasks import exit_task_group
-from ._entry import _MISSING, _Entry, _RichEntry, _Sentinel
+from ._entry import _MISSING, _Entry, _Sentinel
 from ._flight import _AsyncFlight
 from ._loading import _awaitable, not_awaitable, store_loaded
 from ._options import _LoadOptions
@@ -49,15 +49,13 @@ def get_refreshing(
     """:meth:`Cache.get` (counted alike) that also starts a refresh of an old hit."""
     entry = cache._data.get(key)
     if entry is not None:
-        expires = entry.expires
-        value = entry.value
         now = cache._clock()
-        if now < expires and entry.expires is expires and cache._live(entry, now):
-            if cache._idle is not None:
-                cast("_RichEntry[K, V]", entry).accessed = now
+        expires = cache._expiry(entry)
+        value = cache._read(entry, now, touch=True)
+        if value is not _MISSING:
             entry.visited = True
             cache._hits += 1
-            if now - (expires - entry.ttl) >= refresh_after:
+            if cache._age(entry, now, options.assumed_ttl or cache._ttl) >= refresh_after:
                 start(cache, {key: (entry, expires)}, load, options, many=False)
             return value
         cache._drop_expired(key, entry, now)
@@ -76,19 +74,18 @@ def get_many_refreshing(
 ) -> None:
     """Look ``keys`` up as :meth:`Cache.get_many` does; refresh the old hits in one call."""
     due: _Due[K, V] = {}
+    assumed = options.assumed_ttl or cache._ttl
     for key in keys:
         entry = cache._data.get(key)
         if entry is not None:
-            expires = entry.expires
-            value = entry.value
             now = cache._clock()
-            if now < expires and entry.expires is expires and cache._live(entry, now):
-                if cache._idle is not None:
-                    cast("_RichEntry[K, V]", entry).accessed = now
+            expires = cache._expiry(entry)
+            value = cache._read(entry, now, touch=True)
+            if value is not _MISSING:
                 entry.visited = True
                 cache._hits += 1
                 found[key] = value
-                if now - (expires - entry.ttl) >= refresh_after:
+                if cache._age(entry, now, assumed) >= refresh_after:
                     due[key] = (entry, expires)
                 continue
             cache._drop_expired(key, entry, now)
