@@ -730,6 +730,58 @@ class TestRemovedWhileLoading:
         assert cache.get("k") == 1
 
 
+class TestSingleFlightDetails:
+    async def test_the_load_starts_before_other_callers_run(self) -> None:
+        # A stampede: the first caller's load must not wait for a loop iteration in which
+        # every other caller runs first (its miss is still a checkpoint: it yields after).
+        cache = loop_cache(60)
+        started: list[int] = []
+        seen_at_load: list[int] = []
+
+        async def load() -> int:
+            seen_at_load.append(len(started))
+            await anyio.sleep(1)
+            return 1
+
+        async def caller(number: int) -> None:
+            started.append(number)
+            assert await cache.get_or_load("k", load) == 1
+
+        async with anyio.create_task_group() as group:
+            for number in range(50):
+                group.start_soon(caller, number)
+        assert seen_at_load == [1]
+        assert cache.statistics().joined == 49
+
+    async def test_a_task_the_loader_starts_waits_for_it(self) -> None:
+        cache = loop_cache(60)
+        results: list[int] = []
+
+        async def child() -> None:
+            results.append(await cache.get_or_load("k", load))
+
+        async def load() -> int:
+            outer.start_soon(child)  # not awaited by the load: the child waits for it
+            await anyio.sleep(1)
+            return 7
+
+        async with anyio.create_task_group() as outer:
+            assert await cache.get_or_load("k", load) == 7
+        assert results == [7]
+        assert cache.statistics().joined == 1
+
+    async def test_a_cancelled_miss_before_loading_leaves_nothing(self) -> None:
+        cache = loop_cache(60)
+        load = Loader(delay=1)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await cache.get_or_load("k", load)
+        assert scope.cancelled_caught
+        assert load.calls == 0
+        assert cache._async_flights == {}
+        assert await cache.get_or_load("k", load) == 1
+
+
 class TestMisuse:
     """Issue 11: a sync callable where an async one belongs, and the reverse, fail loudly."""
 

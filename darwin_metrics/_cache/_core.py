@@ -48,7 +48,6 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, M
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, final, overload
 
-import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from .._histogram import _Recorder
@@ -262,10 +261,11 @@ class Cache(Generic[K, V]):
         self._refresh_failures = 0
         self._stale_served = 0
         self._load_time = _Recorder()
-        self._async_flights: dict[tuple[anyio.lowlevel.EventLoopToken, K], _AsyncFlight[V]] = {}
+        #: Async loads in progress, by event loop (see _flight.current) and key.
+        self._async_flights: dict[tuple[Hashable, K], _AsyncFlight[V]] = {}
         self._thread_flights: dict[K, _ThreadFlight[V]] = {}
         #: The task group of each event loop's ``refreshing()`` block.
-        self._refreshers: dict[anyio.lowlevel.EventLoopToken, TaskGroup] = {}
+        self._refreshers: dict[Hashable, TaskGroup] = {}
         self._warned_refresh = False
 
     # -- lookups (lock-free) ------------------------------------------------------------------
@@ -1090,7 +1090,11 @@ class Cache(Generic[K, V]):
         """
         if not callable(make):
             raise TypeError(f"make must be callable, not {type(make).__name__}")
-        options: _LoadOptions[V] = _loading.options("get_or_set", ttl, stale_if_error, cache_if)
+        options: _LoadOptions[V] = (
+            _loading.PLAIN_GET_OR_SET
+            if ttl is None and stale_if_error is None and cache_if is None
+            else _loading.options("get_or_set", ttl, stale_if_error, cache_if)
+        )
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
@@ -1140,9 +1144,13 @@ class Cache(Generic[K, V]):
                 :meth:`refreshing` block of this event loop. The reader never waits; while the
                 reload runs no other one starts for that key, and a caller that misses meanwhile
                 waits for it. A failed reload keeps the old value, is logged (logger
-                ``darwin_metrics``) and counted in ``refresh_failures``. Without a
+                ``darwin_metrics``) and counted in ``refresh_failures``. A reload does not
+                overwrite a value stored, or a removal made, while it ran; a result that
+                ``cache_if`` refuses leaves the old value in place. Without a
                 ``refreshing()`` block, no reload starts and a :class:`RuntimeWarning` says so,
-                once per cache.
+                once per cache. (An entry stored by :meth:`set` rather than by a load with
+                ``refresh_after`` does not record its ttl: its age is taken as if it had this
+                call's ttl.)
             stale_if_error: If ``load`` raises and the cache still holds an expired value for
                 ``key`` that expired less than this long ago (seconds or a timedelta), return
                 that value instead of raising (counted in ``stale_served``). The value it

@@ -21,7 +21,7 @@ import anyio.lowlevel
 
 from . import _options
 from ._entry import _GONE, _MISSING, _Entry, _Sentinel
-from ._flight import _AsyncFlight, _Flight, _ThreadFlight
+from ._flight import _AsyncFlight, _Flight, _ThreadFlight, current
 from ._options import _LoadOptions
 
 if TYPE_CHECKING:
@@ -33,8 +33,12 @@ V = TypeVar("V")
 _Departed = list[tuple[Any, Any, Any]]
 
 PLAIN_GET_OR_LOAD: _LoadOptions[Any] = _LoadOptions("get_or_load")
-_PLAIN = {name: _LoadOptions[Any](name) for name in ("get_or_set", "get_or_load_many")}
-_PLAIN["get_or_load"] = PLAIN_GET_OR_LOAD
+PLAIN_GET_OR_SET: _LoadOptions[Any] = _LoadOptions("get_or_set")
+_PLAIN = {
+    "get_or_load": PLAIN_GET_OR_LOAD,
+    "get_or_set": PLAIN_GET_OR_SET,
+    "get_or_load_many": _LoadOptions[Any]("get_or_load_many"),
+}
 
 
 def options(
@@ -153,21 +157,22 @@ def _stale_lookup(
 async def load_one(
     cache: Cache[K, V], key: K, load: Callable[[], Awaitable[V]], options: _LoadOptions[V]
 ) -> V:
-    """The miss path of ``get_or_load`` and of decorated async functions."""
-    await anyio.lowlevel.checkpoint()
-    flight_key = (anyio.lowlevel.current_token(), key)
+    """The miss path of ``get_or_load`` and of decorated async functions.
+
+    A miss is a checkpoint: a caller that finds a load in flight waits for it; one that does
+    not registers its own flight first (so that callers arriving meanwhile wait for it instead
+    of yielding too), then yields once inside it, then loads.
+    """
+    loop, me = current()
+    flight_key = (loop, key)
     flights = cache._async_flights
-    me = anyio.get_current_task().id
     # Only this event loop's tasks use ``flight_key``, and nothing below awaits between
     # looking a flight up and registering one: no other task can slip in between.
     while True:
         flight = flights.get(flight_key)
         if flight is None:
-            value = cache._peek(key)  # a load may have finished while we checkpointed
-            if value is not _MISSING:
-                return value
             break
-        if flight.owner == me:
+        if flight.owner is me:
             raise RuntimeError(
                 f"{options.name}({key!r}) was called by the loader that is loading the same "
                 "key; it would wait for itself forever"
@@ -188,10 +193,21 @@ async def load_one(
         # maybe become the loader.
     flight = flights[flight_key] = _AsyncFlight(me)
     try:
-        return await _run_load(cache, key, flight, load, options)
+        # A checkpoint in two halves, as trio's own operations do: cancellation is checked
+        # now, and the yield comes after the load, so that the load starts at once (a yield
+        # here would wait for every task that is ready, such as the rest of a stampede).
+        await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: abandoned, nothing loaded
+        peeked = cache._peek(key)  # set meanwhile, or loaded by an event loop in another thread
+        if peeked is _MISSING:
+            result = await _run_load(cache, key, flight, load, options)
+        else:
+            result = peeked
+            flight.succeed(result)
     finally:
         del flights[flight_key]
         flight.event.set()
+    await anyio.lowlevel.cancel_shielded_checkpoint()  # the value is the caller's
+    return result
 
 
 async def _run_load(
@@ -320,12 +336,14 @@ async def load_many(
     options: _LoadOptions[V],
     found: dict[K, V],
 ) -> None:
-    """The miss path of ``get_or_load_many``: add the values of ``missing`` to ``found``."""
-    await anyio.lowlevel.checkpoint()
-    token = anyio.lowlevel.current_token()
+    """The miss path of ``get_or_load_many``: add the values of ``missing`` to ``found``.
+
+    As :func:`load_one` does, it registers its own flights before it yields.
+    """
+    token, me = current()
     flights = cache._async_flights
-    me = anyio.get_current_task().id
     pending = missing
+    yielded = checked = False
     while pending:
         own: dict[K, _AsyncFlight[V]] = {}
         joined: list[tuple[K, _AsyncFlight[V]]] = []
@@ -338,7 +356,7 @@ async def load_many(
                     found[key] = value
                 else:
                     own[key] = _AsyncFlight(me)
-            elif flight.owner == me:
+            elif flight.owner is me:
                 raise RuntimeError(
                     f"get_or_load_many: the loader asked for {key!r}, which it is loading "
                     "itself; it would wait for itself forever"
@@ -353,6 +371,9 @@ async def load_many(
                     flight.waiters += 1
                 cache._count_joined(len(joined))
             if own:
+                # Cancellation is checked now, the yield comes at the end (as in load_one).
+                await anyio.lowlevel.checkpoint_if_cancelled()  # cancelled: abandoned
+                checked = True
                 await _run_load_many(cache, own, load_many, options, found)
         finally:
             for key, flight in own.items():
@@ -361,6 +382,7 @@ async def load_many(
         retry: list[K] = []
         for key, flight in joined:
             await flight.event.wait()
+            yielded = True
             try:
                 value = flight.outcome()
             except Exception:
@@ -374,6 +396,11 @@ async def load_many(
             elif not flight.absent:
                 retry.append(key)  # its loader was cancelled: load it ourselves
         pending = retry
+    if not yielded:  # a miss is a checkpoint, even when nothing had to wait
+        if checked:
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # the values are the caller's
+        else:
+            await anyio.lowlevel.checkpoint()
 
 
 async def _run_load_many(

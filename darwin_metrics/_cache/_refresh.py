@@ -23,7 +23,7 @@ from anyio.abc import TaskGroup
 
 from .._tasks import exit_task_group
 from ._entry import _MISSING, _Entry, _Sentinel
-from ._flight import _AsyncFlight
+from ._flight import _AsyncFlight, current
 from ._loading import _awaitable, not_awaitable, store_loaded
 from ._options import _LoadOptions
 
@@ -104,7 +104,7 @@ def start(
     many: bool,
 ) -> None:
     """Start one background refresh of the keys of ``due`` not already loading. No await."""
-    token = anyio.lowlevel.current_token()
+    token = current()[0]
     flights = cache._async_flights
     keys = [key for key in due if (token, key) not in flights]
     if not keys:
@@ -138,7 +138,7 @@ def start(
 
 async def _refresh(
     cache: Cache[K, V],
-    token: anyio.lowlevel.EventLoopToken,
+    token: Hashable,
     started: dict[K, tuple[_AsyncFlight[V], _Entry[K, V], float]],
     loader: Callable[..., Awaitable[Any]],
     options: _LoadOptions[V],
@@ -147,7 +147,7 @@ async def _refresh(
     """The background task of one refresh: load, then store what is still wanted."""
     flights = cache._async_flights
     try:
-        me = anyio.get_current_task().id
+        me = current()[1]
         for flight, _, _ in started.values():
             flight.owner = me
         keys = list(started)
@@ -208,9 +208,9 @@ class Refreshing:
         self._cache = cache
         self._given = task_group
         self._group: TaskGroup | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._token: Hashable | None = None
 
-    def _check_free(self, token: anyio.lowlevel.EventLoopToken) -> None:
+    def _check_free(self, token: Hashable) -> None:
         if token in self._cache._refreshers:
             raise RuntimeError(
                 "another `async with cache.refreshing():` block of this cache is active in this "
@@ -220,7 +220,7 @@ class Refreshing:
     async def __aenter__(self) -> Cache[Any, Any]:
         if self._token is not None:
             raise RuntimeError("this refreshing() block is already active")
-        token = anyio.lowlevel.current_token()
+        token = current()[0]
         self._check_free(token)
         group = self._given
         if group is None:
