@@ -14,11 +14,20 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, pool
+from . import broadcast, cache, cached, pool
 from ._harness import Config, Row, format_table
 
 AREAS = ("pool", "cache", "broadcast")
-PACKAGES = ("darwin-metrics", "anyio", "trio", "cachetools", "theine", "attrs")
+PACKAGES = (
+    "darwin-metrics",
+    "anyio",
+    "trio",
+    "cachetools",
+    "theine",
+    "cashews",
+    "aiocache",
+    "attrs",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -39,6 +48,8 @@ def machine() -> dict[str, Any]:
 
 async def _async_rows(config: Config, backend: str, areas: Sequence[str]) -> list[Row]:
     rows: list[Row] = []
+    if "cache" in areas:
+        rows += await cached.rows(config, backend)
     if "pool" in areas:
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:
