@@ -38,7 +38,7 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 
 #: For each cache, the function whose default keys it holds: two functions sharing a cache
 #: with default keys would read each other's entries (``f(1)`` and ``g(1)`` have one key).
-_DEFAULT_KEYED: weakref.WeakKeyDictionary[Cache[Any, Any], weakref.ref[Callable[..., Any]]]
+_DEFAULT_KEYED: weakref.WeakKeyDictionary[Cache[Any, Any], Callable[[], Callable[..., Any] | None]]
 _DEFAULT_KEYED = weakref.WeakKeyDictionary()
 
 
@@ -272,7 +272,10 @@ def _claim_default_keys(cache: Cache[Any, Any], function: Callable[..., Any]) ->
             f"{getattr(function, '__qualname__', function)!r} would share its entries (f(1) and "
             "g(1) have the same key): give one of them key=..., or each its own cache"
         )
-    _DEFAULT_KEYED[cache] = weakref.ref(target)
+    try:
+        _DEFAULT_KEYED[cache] = weakref.ref(target)
+    except TypeError:  # a callable that cannot be weakly referenced (a builtin): keep it
+        _DEFAULT_KEYED[cache] = lambda: target
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Async tests run on asyncio and trio in virtual time; their caches read the event
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import math
@@ -16,6 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import looptime
 import pytest
 
 from darwin_metrics._cache import Cache, EvictionCause
@@ -183,6 +186,13 @@ class TestRefreshAhead:
                 await block.__aenter__()
         async with cache.refreshing():  # fine again after the first one ended
             pass
+
+    async def test_the_blocks_own_exception_comes_out_as_itself(self) -> None:
+        cache = loop_cache(10)
+        with pytest.raises(KeyError, match="mine"):
+            async with cache.refreshing():
+                raise KeyError("mine")
+        assert cache._refreshers == {}
 
     async def test_bad_arguments(self) -> None:
         cache = loop_cache(10)
@@ -924,3 +934,84 @@ class TestLoadStatistics:
 async def _unused(_: Mapping[str, str], __: Callable[[], Awaitable[None]]) -> None:
     """Keeps the imported names used by type annotations of the tests above."""
     await anyio.lowlevel.checkpoint()  # pragma: no cover
+
+
+class TestNativeAsyncioCancellation:
+    """``task.cancel()`` and ``asyncio.wait_for`` (as ``asyncio.timeout``) are not anyio cancel
+    scopes: every await point of a load must survive them without a stranded flight."""
+
+    @pytest.fixture
+    def anyio_backend(self) -> tuple[str, dict[str, Any]]:
+        """asyncio only (in virtual time, as conftest.py makes it)."""
+        return "asyncio", {"loop_factory": lambda: looptime.new_event_loop(start=0)}
+
+    async def test_a_loader_cancelled_by_its_task_hands_over(self) -> None:
+        cache = loop_cache(60)
+        load = Loader(delay=5)
+        loader = asyncio.ensure_future(cache.get_or_load("k", load))
+        await asyncio.sleep(1)
+        waiters = [asyncio.ensure_future(cache.get_or_load("k", load)) for _ in range(3)]
+        await asyncio.sleep(1)
+        loader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loader
+        assert await asyncio.gather(*waiters) == [2, 2, 2]
+        assert cache._async_flights == {}
+        assert cache.get("k") == 2
+
+    async def test_wait_for_at_every_point(self) -> None:
+        for timeout in (0, 0.5, 0.999, 1.0, 1.001, 1.5):
+            cache = loop_cache(60)
+            load = Loader(delay=1)
+            for _ in range(3):
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(cache.get_or_load("k", load), timeout)
+                assert cache._async_flights == {}
+            assert await cache.get_or_load("k", load) >= 1
+            assert cache._async_flights == {}
+
+    async def test_a_waiter_timed_out_by_asyncio_leaves_the_load_alone(self) -> None:
+        cache = loop_cache(60)
+        load = Loader(delay=5)
+        loader = asyncio.ensure_future(cache.get_or_load("k", load))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(cache.get_or_load("k", load), 1)
+        assert await loader == 1
+        assert load.calls == 1
+
+    async def test_a_bulk_load_cancelled_by_its_task(self) -> None:
+        cache = loop_cache(60)
+
+        async def load_many(keys: list[str]) -> dict[str, str]:
+            await anyio.sleep(5)
+            return {key: key for key in keys}  # pragma: no cover
+
+        task = asyncio.ensure_future(cache.get_or_load_many(["a", "b"], load_many))
+        await asyncio.sleep(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache._async_flights == {}
+        assert len(cache) == 0
+
+    async def test_a_refreshing_block_cancelled_by_its_task(self) -> None:
+        cache = loop_cache(10)
+        load = Loader(delay=5)
+        await cache.get_or_load("k", Loader(delay=0))
+
+        async def run() -> None:
+            async with cache.refreshing():
+                await anyio.sleep(2)
+                await cache.get_or_load("k", load, refresh_after=1)
+                await anyio.sleep_forever()
+
+        task = asyncio.ensure_future(run())
+        await asyncio.sleep(3)
+        assert cache._async_flights  # the refresh is running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache._async_flights == {}
+        assert cache._refreshers == {}
+        assert cache.get("k") == 1

@@ -475,6 +475,11 @@ class TestBadInput:
             def f(x: int) -> int:
                 return x  # pragma: no cover
 
+    def test_a_builtin(self) -> None:
+        length = cached(Cache(60))(len)
+        assert length("abc") == 3
+        assert length.cache_info().loads == 1
+
     def test_not_a_function(self) -> None:
         with pytest.raises(TypeError, match="decorates a function"):
             cached(Cache(60))(42)  # type: ignore[call-overload]

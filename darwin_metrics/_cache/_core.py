@@ -1276,7 +1276,9 @@ class Cache(Generic[K, V]):
         your group is cancelled; no refresh starts after the block.
 
         One block at a time per event loop; event loops in other threads have their own.
-        Entering it is a checkpoint only when it opens its own task group. Returns the cache.
+        Returns the cache. Entering is not a checkpoint. Leaving a block that opened its own
+        task group waits for the refreshes it cancelled to end; if the block is cancelled,
+        they are cancelled with it. An exception raised in the block comes out as itself.
 
         Raises:
             TypeError: ``task_group`` is not an anyio task group.
