@@ -418,7 +418,10 @@ class _Binder:
 
 # Each wrapper makes the key of a complete positional call of a simple signature inline (the
 # argument itself, or the tuple of arguments after ``self``): a call of make_key costs about as
-# much as the rest of a hit. ``length`` is -1 when there is no such shortcut.
+# much as the rest of a hit. ``length`` is -1 when there is no such shortcut. Then it reads a
+# plain live entry inline, as Cache.get does (the expiry, the value, the same expiry again; see
+# _cache._core), and leaves everything else to Cache.get: a miss, an expired entry, one being
+# written, one of a ttl_after_access cache (whose fast-path expiry is always in the past).
 
 
 def _async_wrapper(
@@ -429,6 +432,8 @@ def _async_wrapper(
     refresh_after: float | None,
 ) -> Callable[..., Coroutine[Any, Any, V]]:
     get = cache.get
+    lookup = cache._data.get
+    clock = cache._clock
     load_one = _loading.load_one
     partial = functools.partial
     missing = _MISSING
@@ -441,9 +446,17 @@ def _async_wrapper(
                 key = args[offset] if single else args[offset:]
             else:
                 key = make_key(args, kwargs)
-            value = get(key, missing)
-            if value is not missing:
-                return value
+            entry = lookup(key)
+            if entry is not None:
+                expires = entry.expires
+                value = entry.value
+                if clock() < expires and entry.expires is expires:
+                    entry.visited = True
+                    cache._hits += 1
+                    return value
+            found = get(key, missing)
+            if found is not missing:
+                return found
             return await load_one(cache, key, partial(function, *args, **kwargs), options)
 
         return wrapper
@@ -472,6 +485,8 @@ def _sync_wrapper(
     options: _LoadOptions[V],
 ) -> Callable[..., V]:
     get = cache.get
+    lookup = cache._data.get
+    clock = cache._clock
     make_one = _loading.make_one
     partial = functools.partial
     missing = _MISSING
@@ -482,9 +497,17 @@ def _sync_wrapper(
             key = args[offset] if single else args[offset:]
         else:
             key = make_key(args, kwargs)
-        value = get(key, missing)
-        if value is not missing:
-            return value
+        entry = lookup(key)
+        if entry is not None:
+            expires = entry.expires
+            value = entry.value
+            if clock() < expires and entry.expires is expires:
+                entry.visited = True
+                cache._hits += 1
+                return value
+        found = get(key, missing)
+        if found is not missing:
+            return found
         return make_one(cache, key, partial(function, *args, **kwargs), options)
 
     return wrapper

@@ -448,6 +448,44 @@ class TestThreads:
         assert len(sneaky.cache) == 0
 
 
+class TestExpiry:
+    def test_entries_expire(self) -> None:
+        now = [0.0]
+        calls = 0
+
+        @cached(Cache(10, clock=lambda: now[0]))
+        def f(x: int) -> int:
+            nonlocal calls
+            calls += 1
+            return calls
+
+        assert f(1) == f(1) == 1
+        now[0] = 9.999
+        assert f(1) == 1
+        now[0] = 10
+        assert f(1) == 2
+        assert f.cache_info().expirations == 1
+
+    @pytest.mark.anyio
+    async def test_ttl_after_access(self) -> None:
+        cache = loop_cache(10, ttl_after_access=2)
+        calls = 0
+
+        @cached(cache)
+        async def f(x: int) -> int:
+            nonlocal calls
+            calls += 1
+            return calls
+
+        for _ in range(4):
+            assert await f(1) == 1  # each read restarts the idle time
+            await anyio.sleep(1.5)
+        await anyio.sleep(1)
+        assert await f(1) == 2
+        info = f.cache_info()
+        assert (info.hits, info.misses) == (3, 2)
+
+
 class TestBadInput:
     @pytest.mark.parametrize(
         ("arguments", "error", "match"),
