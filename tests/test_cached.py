@@ -232,6 +232,44 @@ class TestKeys:
         assert volume.cache.keys() == [(1, 2, 3), (1, 3, 3)]
         assert area.cache is not volume.cache
 
+    def test_parameter_names_of_any_kind(self) -> None:
+        calls = 0
+
+        @cached(Cache(60))
+        def f(key: int, cache: int = 1, entry: int = 2, /, value: int = 3) -> int:
+            nonlocal calls
+            calls += 1
+            return key + cache + entry + value
+
+        @cached(Cache(60))
+        def g(_dm_key: int) -> int:  # a name of the generated code's: the general wrapper
+            return -_dm_key
+
+        assert f(1) == f(1, 1, 2) == f(1, value=3) == 7
+        assert calls == 1
+        assert f.cache.keys() == [(1, 1, 2, 3)]
+        assert f.invalidate(1, 1, 2, value=3)
+        assert g(2) == g(_dm_key=2) == -2
+        assert g.cache.keys() == [2]
+        assert f.__name__ == "f"
+        assert g.__name__ == "g"
+
+    def test_mutable_defaults_are_the_functions_own(self) -> None:
+        marker: list[int] = []
+
+        @cached(Cache(60), key=lambda x, into=marker: x)
+        def fill(x: int, into: list[int] = marker) -> int:
+            into.append(x)
+            return len(into)
+
+        @cached(Cache(60))
+        def same(x: int, into: tuple[int, ...] = (1, 2)) -> tuple[int, ...]:
+            return into
+
+        assert fill(1) == 1
+        assert marker == [1]
+        assert same(0) is same.__wrapped__(0)  # type: ignore[attr-defined]
+
     def test_general_signatures(self) -> None:
         calls = 0
 
@@ -252,14 +290,20 @@ class TestKeys:
         def one(x: int) -> int:
             return x  # pragma: no cover
 
-        with pytest.raises(TypeError, match="too many positional"):
-            one(1, 2)  # type: ignore[call-arg]
-        with pytest.raises(TypeError, match="missing a required argument"):
-            one()  # type: ignore[call-arg]
-        with pytest.raises(TypeError, match="unexpected keyword"):
-            one(1, y=2)  # type: ignore[call-arg]
-        with pytest.raises(TypeError, match="multiple values"):
-            one(1, x=2)  # type: ignore[misc]
+        @cached(Cache(60))
+        def general(x: int, *, flag: bool = False) -> int:
+            return x  # pragma: no cover
+
+        for function in (one, general):
+            with pytest.raises(TypeError, match="positional"):
+                function(1, 2)  # type: ignore[call-arg]
+            with pytest.raises(TypeError, match="missing"):
+                function()  # type: ignore[call-arg]
+            with pytest.raises(TypeError, match="unexpected keyword"):
+                function(1, y=2)  # type: ignore[call-arg]
+            with pytest.raises(TypeError, match="multiple values"):
+                function(1, x=2)  # type: ignore[misc]
+        assert one.cache_info().misses == general.cache_info().misses == 0
 
     def test_positional_only_parameters_are_not_keywords(self) -> None:
         @cached(Cache(60))
