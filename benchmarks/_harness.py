@@ -18,9 +18,9 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-Unit = Literal["s/op", "1/s", "B/entry", "fraction", "x"]
+Unit = Literal["s/op", "1/s", "B/entry", "fraction", "x", "keys"]
 """How a figure is measured: seconds per operation, operations per second, bytes per entry,
-a fraction (a hit ratio or a spread) or a plain factor."""
+a fraction (a hit ratio or a spread), a plain factor or a count of keys."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +210,8 @@ def format_value(value: float | None, unit: Unit) -> str:
         return f"{value:.0f} B"
     if unit == "fraction":
         return f"{value * 100:.2f}%" if value < 0.1 else f"{value:.3f}"
+    if unit == "keys":
+        return f"{value:.0f}"
     return f"{value:.2f}x"
 
 

@@ -12,6 +12,9 @@ from ._errors import (
     PoolError,
     PoolFullError,
     PoolTimeoutError,
+    RedisCacheError,
+    RedisUnavailableError,
+    SerializationError,
     TrackingTimeoutError,
 )
 
@@ -24,6 +27,9 @@ __all__ = [
     "PoolError",
     "PoolFullError",
     "PoolTimeoutError",
+    "RedisCacheError",
+    "RedisUnavailableError",
+    "SerializationError",
     "TrackingTimeoutError",
     "__version__",
 ]

@@ -4,31 +4,44 @@
 :class:`~darwin_metrics.resource.ResourceManager` and shows it live, or prints JSON lines when
 standard output is not a terminal. See ``darwin-metrics monitor --help``.
 
-Exit status: 0 when done, 130 after Ctrl-C, 2 for a usage error (including no command), 1
-when a dependency is missing.
+Exit status: 0 when done (also when the reader of a pipe went away, as with ``| head``), 1
+when a dependency is missing or standard output cannot be written (a one-line message says
+which), 2 for a usage error (including no command and a ``--save-svg`` path that cannot be
+written), 130 after Ctrl-C (SIGINT) and 143 after SIGTERM (``timeout``, ``kill``): 128 plus the
+signal's number, as shells report a process that a signal ended.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import functools
+import importlib
 import io
 import math
 import os
+import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import TextIO, cast
 
 import anyio
+import attrs
 
 from . import __version__
 from ._manager import ResourceManager
-from ._monitor import MonitorOptions, render_view, run_monitor
+from ._monitor import GuardedOutput, MonitorOptions, MonitorRun, render_view, run_monitor
 
 __all__ = ["main"]
 
-_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+_PROG = "darwin-metrics monitor"
+_INTERRUPTED = 128 + signal.SIGINT  # 130, as shells report it
 _SVG_WIDTH = 80
+_INSTALL_MONITOR = "pip install 'darwin-metrics[monitor]'"
+_INSTALL_SYSTEM = "pip install 'darwin-metrics[system]'"
 
 
 def _seconds(text: str) -> float:
@@ -56,7 +69,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
             "and show a bar per resource with its current, peak and mean usage, refreshed "
             "every interval. When standard output is not a terminal, print one JSON object "
             "per usage per line instead (fields: resource_type, usage_percent, timestamp, "
-            "wall_time). Ctrl-C stops it (exit status 130)."
+            "wall_time). Ctrl-C (exit status 130) and SIGTERM (exit status 143) stop it and "
+            "print the summary."
         ),
     )
     monitor.add_argument(
@@ -83,7 +97,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     view.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object per usage per line (the default when not a terminal)",
+        help=(
+            "print one JSON object per usage per line (the default when not a terminal, "
+            "or when rich is not installed)"
+        ),
     )
     view.add_argument(
         "--live",
@@ -93,9 +110,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     monitor.add_argument(
         "--save-svg",
         metavar="PATH",
-        help="on exit, also save the view as an SVG picture at PATH",
+        help="on exit, also save the view as an SVG picture at PATH (checked at the start)",
     )
     return parser, monitor
+
+
+def _importable(name: str) -> bool:
+    """Whether ``name`` can be imported (it is, if so: the monitor uses it right after)."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -> MonitorOptions:
@@ -106,7 +132,7 @@ def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -
         monitor.error(f"--interval must be a finite number of seconds above 0, got {interval}")
     if not (math.isfinite(duration) and duration >= 0):
         monitor.error(f"--duration must be a finite number of seconds, 0 or more, got {duration}")
-    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+    if args.backend == "trio" and not _importable("trio"):
         monitor.error(
             "--backend trio needs trio, which is not installed: pip install 'darwin-metrics[trio]'"
         )
@@ -120,9 +146,104 @@ def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -
     )
 
 
-def _missing(options: MonitorOptions) -> list[str]:
-    needed = ["psutil"] if options.json and options.save_svg is None else ["psutil", "rich"]
-    return [name for name in needed if importlib.util.find_spec(name) is None]
+def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> MonitorOptions | str:
+    """Return the options to run with, or the one line that says what to install.
+
+    Without rich, the live view falls back to JSON lines (with a note on standard error)
+    unless ``--live`` asked for it by name; ``--save-svg`` needs rich either way.
+    """
+    psutil = _importable("psutil")
+    if not options.json:
+        rich = _importable("rich")
+        if psutil and not rich and not live_asked:
+            print(
+                f"{_PROG}: rich is not installed, so JSON lines instead of the live view "
+                f"({_INSTALL_MONITOR} for the live view)",
+                file=sys.stderr,
+            )
+            options = attrs.evolve(options, json=True)
+        elif not (psutil and rich):
+            needed = (("psutil", psutil), ("rich", rich))
+            missing = " and ".join(name for name, present in needed if not present)
+            return f"{_PROG} needs {missing} for the live view: {_INSTALL_MONITOR}"
+    if not psutil:
+        return f"{_PROG} needs psutil to read this machine's usage: {_INSTALL_SYSTEM}"
+    if options.save_svg is not None and not _importable("rich"):
+        return f"{_PROG} --save-svg needs rich: {_INSTALL_MONITOR}"
+    return options
+
+
+class _SvgFile:
+    """The ``--save-svg`` file, opened before the run so that a bad path fails at once.
+
+    Opening creates the file if it is missing but leaves an existing one as it was until
+    :meth:`save`. A file that opening created is removed again unless a save succeeds.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self._created = True
+        except FileExistsError:
+            fd = os.open(path, os.O_WRONLY)
+            self._created = False
+        self._file: TextIO | None = open(fd, "w", encoding="utf-8")  # noqa: SIM115
+
+    def save(self, svg: str) -> None:
+        """Replace the file's content with ``svg`` and close it.
+
+        Raises:
+            OSError: The picture could not be written; the file is closed all the same.
+        """
+        file, self._file = self._file, None
+        assert file is not None, "saved twice"
+        try:
+            if stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+                file.truncate(0)  # not for /dev/stdout or a named pipe
+            file.write(svg)
+            file.close()  # flushes: a full disk shows here
+        except OSError:
+            self._discard(file)
+            raise
+
+    def close(self) -> None:
+        """Close the file if :meth:`save` did not."""
+        file, self._file = self._file, None
+        if file is not None:
+            self._discard(file)
+
+    def _discard(self, file: TextIO) -> None:
+        with contextlib.suppress(OSError):  # what is still buffered cannot be written
+            file.close()
+        if self._created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+def _open_svg(monitor: argparse.ArgumentParser, path: str) -> _SvgFile:
+    """Open the ``--save-svg`` file; if it cannot be written, exit with status 2 (one line)."""
+    try:
+        return _SvgFile(path)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        monitor.exit(2, f"{monitor.prog}: error: --save-svg: cannot write {path!r}: {reason}\n")
+
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the monitor as Ctrl-C does: SIGINT and SIGTERM, unless ignored.
+
+    A signal that was ignored when the command started (a shell starts background jobs with
+    SIGINT ignored; ``nohup``) stays ignored. Signal handlers belong to the main thread, and
+    asyncio has none on Windows: there, Ctrl-C arrives as ``KeyboardInterrupt``.
+    """
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        return ()
+    return tuple(
+        signum
+        for signum in (signal.SIGINT, signal.SIGTERM)
+        if signal.getsignal(signum) is not signal.SIG_IGN
+    )
 
 
 def _only(error: BaseException, kind: type[BaseException]) -> bool:
@@ -138,67 +259,129 @@ def _only(error: BaseException, kind: type[BaseException]) -> bool:
     )
 
 
-def monitor(options: MonitorOptions) -> int:
-    """Run the monitor until its duration runs out or Ctrl-C; return the exit status."""
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that the interpreter's last flush succeeds.
+
+    After a failed write, what is still buffered in ``sys.stdout`` would fail again at exit
+    and print an "Exception ignored" traceback.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _cannot_write(error: OSError) -> int:
+    """Report a failed write to standard output in one line; return the exit status."""
+    _silence_stdout()
+    if isinstance(error, BrokenPipeError):
+        return 0  # the reader went away (``| head``): nothing more to say, nowhere to say it
+    reason = error.strerror or str(error)
+    print(f"darwin-metrics: cannot write to standard output: {reason}", file=sys.stderr)
+    return 1
+
+
+def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
+    """Run the monitor until its duration runs out or a signal; return the exit status."""
+    out = GuardedOutput(sys.stdout)
     console = None
     if not options.json:
         from rich.console import Console
 
-        console = Console()
+        console = Console(file=cast(TextIO, out))  # rich needs only write, flush, isatty
     manager = ResourceManager()
     started = time.monotonic()
+    run: MonitorRun | None = None
     status = 0
     try:
-        anyio.run(lambda: run_monitor(options, manager, console=console), backend=options.backend)
+        run = anyio.run(
+            functools.partial(
+                run_monitor,
+                options,
+                manager,
+                out=out,
+                console=console,
+                stop_signals=_stop_signals(),
+            ),
+            backend=options.backend,
+        )
     except BaseException as error:
-        if _only(error, KeyboardInterrupt):
-            status = _INTERRUPTED
-        elif _only(error, BrokenPipeError):
-            # The reader went away (``| head``): nothing more to say, and nowhere to say it.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            return 0
-        else:
+        if not _only(error, KeyboardInterrupt):  # Ctrl-C before or after the signal receiver
             raise
-    elapsed = time.monotonic() - started
+        status = _INTERRUPTED
+    if run is not None and run.signal is not None:
+        status = 128 + run.signal
+    elapsed = run.elapsed if run is not None else time.monotonic() - started
     statistics = manager.usage_statistics()
     if console is not None:
         console.print(
             render_view(statistics, interval=options.interval, elapsed=elapsed, final=True)
         )
-    if options.save_svg is not None:
+    out.flush()
+    if svg is not None:
         from rich.console import Console
 
-        recorder = Console(record=True, width=_SVG_WIDTH, file=io.StringIO())
+        # Colours as on a terminal, so the bars are drawn in full as the live view draws them.
+        recorder = Console(
+            record=True, width=_SVG_WIDTH, file=io.StringIO(), color_system="truecolor"
+        )
         recorder.print(render_view(statistics, interval=options.interval, elapsed=elapsed))
         try:
-            recorder.save_svg(options.save_svg, title="darwin-metrics monitor")
+            svg.save(recorder.export_svg(title="darwin-metrics monitor"))
         except OSError as error:
-            print(f"darwin-metrics monitor: cannot save the SVG: {error}", file=sys.stderr)
-            return status or 1
+            reason = error.strerror or str(error)
+            print(f"{_PROG}: cannot save the SVG to {svg.path!r}: {reason}", file=sys.stderr)
+            status = status or 1
+    if out.error is not None:
+        return _cannot_write(out.error) or status
     return status
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """Parse the command line: the namespace, or 2 when no command was given.
+
+    ``--help``, ``--version`` and usage errors exit from argparse (``SystemExit``).
+    """
+    parser, monitor_parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # say it with the usage of the command it was given to
+        chosen = monitor_parser if args.command == "monitor" else parser
+        chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    args.monitor_parser = monitor_parser
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``darwin-metrics`` command line; return the exit status."""
-    parser, monitor_parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return 2
-    options = _check_options(monitor_parser, args)
-    missing = _missing(options)
-    if missing:
-        print(
-            f"darwin-metrics monitor needs {' and '.join(missing)}: "
-            "pip install 'darwin-metrics[monitor]'",
-            file=sys.stderr,
-        )
+    parsed = _parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    monitor_parser: argparse.ArgumentParser = parsed.monitor_parser
+    if sys.stdout is None:  # started with standard output closed (">&-")
+        print("darwin-metrics: standard output is closed: nothing to write to", file=sys.stderr)
         return 1
+    checked = _check_dependencies(
+        _check_options(monitor_parser, parsed), live_asked=bool(parsed.live)
+    )
+    if isinstance(checked, str):
+        print(checked, file=sys.stderr)
+        return 1
+    svg = None if checked.save_svg is None else _open_svg(monitor_parser, checked.save_svg)
     try:
-        return monitor(options)
+        return monitor(checked, svg)
     except KeyboardInterrupt:  # between the event loop's end and the summary
         return _INTERRUPTED
+    finally:
+        if svg is not None:
+            svg.close()
 
 
 if __name__ == "__main__":

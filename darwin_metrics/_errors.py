@@ -16,6 +16,9 @@ __all__ = [
     "PoolError",
     "PoolFullError",
     "PoolTimeoutError",
+    "RedisCacheError",
+    "RedisUnavailableError",
+    "SerializationError",
     "TrackingTimeoutError",
 ]
 
@@ -65,3 +68,25 @@ class TrackingTimeoutError(DarwinMetricsError, TimeoutError):
         )
         self.resource_type = resource_type
         self.timeout = timeout
+
+
+class RedisCacheError(DarwinMetricsError):
+    """Base class of the errors raised by :class:`~darwin_metrics.redis.RedisCache`."""
+
+
+class RedisUnavailableError(RedisCacheError, ConnectionError):
+    """The Valkey/Redis server could not be reached, refused the connection, or dropped it.
+
+    The error's ``__cause__`` is the client library's own error. An operation that raised
+    this left the in-process tier consistent: a write that may or may not have reached the
+    server has still dropped the key from the process's local cache.
+    """
+
+
+class SerializationError(RedisCacheError, ValueError):
+    """A value could not be turned into bytes, or bytes read from the server into a value.
+
+    Raised before anything is written (a value the serializer cannot handle), or instead of
+    returning what the server holds (bytes the serializer cannot read; nothing is cached
+    locally). The error's ``__cause__`` is the serializer's own error.
+    """

@@ -1,8 +1,9 @@
 """Fixed-bucket histograms of durations, cheap enough for a hot path.
 
 A :class:`_Recorder` keeps one count per bucket and a running sum; recording is a
-:func:`bisect.bisect_left` and two increments, with no lock: the pool and the manager
-record from their event loop's thread only, and the cache records under its own lock.
+:func:`bisect.bisect_left` and two additions (the total count is derived), with no lock:
+the pool and the manager record from their event loop's thread only, and the cache records
+under its own lock.
 :meth:`_Recorder.snapshot` returns a frozen :class:`Histogram` for ``statistics()``.
 """
 
@@ -89,12 +90,13 @@ def _check_bounds(bounds: Iterable[float]) -> tuple[float, ...]:
 class _Recorder:
     """The live side of a :class:`Histogram`: ``observe`` on the hot path, ``snapshot`` to read."""
 
-    __slots__ = ("bounds", "count", "counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
     def __init__(self, bounds: Iterable[float] = DEFAULT_BUCKETS) -> None:
-        self.bounds = bounds if bounds is DEFAULT_BUCKETS else _check_bounds(bounds)
+        self.bounds: tuple[float, ...] = (
+            DEFAULT_BUCKETS if bounds is DEFAULT_BUCKETS else _check_bounds(bounds)
+        )
         self.counts = [0] * (len(self.bounds) + 1)
-        self.count = 0
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
@@ -102,10 +104,8 @@ class _Recorder:
         if seconds < 0.0:
             seconds = 0.0
         self.counts[bisect_left(self.bounds, seconds)] += 1
-        self.count += 1
         self.sum += seconds
 
     def snapshot(self) -> Histogram:
-        return Histogram(
-            bounds=tuple(self.bounds), counts=tuple(self.counts), count=self.count, sum=self.sum
-        )
+        counts = tuple(self.counts)
+        return Histogram(bounds=self.bounds, counts=counts, count=sum(counts), sum=self.sum)

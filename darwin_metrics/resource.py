@@ -14,7 +14,7 @@ from ._cache import Cache, CacheStatistics, EvictionCause
 from ._cached import BoundCachedFunction, CachedFunction, cached
 from ._histogram import Histogram
 from ._manager import ResourceManager, ResourceUsage, Subscription, UsageStatistics
-from ._pool import PoolStatistics, ResourcePool
+from ._pool import PoolDisposals, PoolStatistics, ResourcePool
 
 __all__ = [
     "BoundCachedFunction",
@@ -23,6 +23,7 @@ __all__ = [
     "CachedFunction",
     "EvictionCause",
     "Histogram",
+    "PoolDisposals",
     "PoolStatistics",
     "ResourceManager",
     "ResourcePool",

@@ -12,7 +12,9 @@ Run it with ``python examples/system_monitor.py [--backend asyncio|trio]``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
+import sys
 from typing import cast
 
 import anyio
@@ -29,6 +31,11 @@ async def worker(pool: ResourcePool[int], number: int) -> None:
         async with pool.lease():
             await anyio.sleep(0.05 + 0.03 * ((number + job) % 5))
         await anyio.sleep(0.02 * (number % 3))
+
+
+def seconds(value: float) -> str:
+    """A duration as a person reads it: ``172.2 ms``, ``6.82 s``."""
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
 
 
 async def show(subscription: Subscription, started: float) -> None:
@@ -64,7 +71,14 @@ async def main() -> None:
             f"peak={stats.max:5.1f}% mean={stats.mean:5.1f}%"
         )
     assert manager.usage_statistics()["pool:workers"].max > 0
-    print(f"\nthe pool: {pool.statistics()}")
+    stats = pool.statistics()
+    print(
+        f"\nthe pool: {stats.acquired} leases of {stats.max_size} resources by {WORKERS} workers"
+    )
+    print(
+        f"  waiting for a resource: {seconds(stats.total_wait)} in all, "
+        f"{seconds(stats.longest_wait)} at the longest; {stats.timeouts} timeouts"
+    )
 
 
 def parse_backend() -> str:
@@ -73,5 +87,18 @@ def parse_backend() -> str:
     return cast(str, parser.parse_args().backend)
 
 
+def require_psutil() -> None:
+    """Exit with one line that says what to install if psutil is missing."""
+    try:
+        importlib.import_module("psutil")
+    except ImportError:
+        sys.exit(
+            "system_monitor.py samples this machine with psutil, which is not installed: "
+            'pip install "darwin-metrics[system]"'
+        )
+
+
 if __name__ == "__main__":
-    anyio.run(main, backend=parse_backend())
+    backend = parse_backend()
+    require_psutil()
+    anyio.run(main, backend=backend)

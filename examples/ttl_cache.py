@@ -4,7 +4,7 @@
 2. asking again is a hit, with no computation and no waiting;
 3. after the ttl the entry has expired: the next caller computes it again;
 4. a cache bounded in size evicts the entry that nobody looked up;
-5. the first cache's statistics.
+5. the statistics of each cache, labelled: the ttl cache of parts 1-3 and the small one.
 
 Run it with ``python examples/ttl_cache.py [--backend asyncio|trio]``.
 """
@@ -12,7 +12,7 @@ Run it with ``python examples/ttl_cache.py [--backend asyncio|trio]``.
 from __future__ import annotations
 
 import argparse
-from typing import cast
+from typing import Any, cast
 
 import anyio
 
@@ -59,7 +59,7 @@ async def main() -> None:
     for _ in range(100):
         assert await cache.get_or_load(12, lambda: expensive_square(12)) == 144
     took = anyio.current_time() - started
-    print(f"  144 a hundred times in {took:.4f} s, still {computations} computation")
+    print(f"  144 a hundred times in {took * 1000:.1f} ms, still {computations} computation")
     assert computations == 1
 
     # 3. Expiry.
@@ -81,15 +81,27 @@ async def main() -> None:
     print(f"  the small cache holds {sorted(key for key in 'abcd' if key in small)}")
     assert "b" not in small
 
-    # 5. What the cache counted.
+    # 5. What each cache counted.
     print("\n5. statistics")
+    describe(f"the ttl cache (parts 1-3, ttl {TTL} s)", cache)
+    describe("the small cache (part 4, maxsize 3)", small)
+
+
+def plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+def describe(label: str, cache: Cache[Any, Any]) -> None:
+    """Print one cache's statistics in words, under ``label``."""
     stats = cache.statistics()
+    print(f"  {label}:")
     print(
-        f"  hits={stats.hits} misses={stats.misses} sets={stats.sets} "
-        f"expirations={stats.expirations} evictions={stats.evictions} "
-        f"size={stats.size} hit_ratio={stats.hit_ratio:.2f}"
+        f"    {plural(stats.hits, 'hit', 'hits')}, {plural(stats.misses, 'miss', 'misses')} "
+        f"(hit ratio {stats.hit_ratio:.0%}), {plural(stats.sets, 'set', 'sets')}, "
+        f"{plural(stats.expirations, 'expiration', 'expirations')}, "
+        f"{plural(stats.evictions, 'eviction', 'evictions')}; "
+        f"{plural(stats.size, 'entry', 'entries')} held now"
     )
-    print(f"  {cache!r}")
 
 
 def parse_backend() -> str:

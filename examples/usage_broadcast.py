@@ -70,7 +70,10 @@ async def main() -> None:
             f"  {resource_type:<6} count={stats.count} last={stats.last:.1f}% "
             f"min={stats.min:.1f}% max={stats.max:.1f}% mean={stats.mean:.1f}%"
         )
-    print(f"peaks, as the seed's get_usage_stats() reports them: {manager.get_usage_stats()}")
+    # get_usage_stats() is the peak per resource type, named as in the Rust crate darwin-metrics
+    # whose resource module this library brings to Python.
+    peaks = ", ".join(f"{name} {peak:.1f}%" for name, peak in manager.get_usage_stats().items())
+    print(f"peaks, from get_usage_stats(): {peaks}")
 
 
 def parse_backend() -> str:

@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
+RUN_WITHOUT = ROOT / "tests" / "run_without.py"
 BACKENDS = ["asyncio", "trio"]
 TIMEOUT = 60  # seconds; each example takes one to three
 
@@ -36,11 +37,29 @@ EXPECTED = {
         "computed it again: 2 computations",
         "(expired)",
         "(size)",
-        "hit_ratio=",
+        # Each cache's statistics, labelled.
+        "the ttl cache (parts 1-3, ttl 0.5 s):\n    100 hits, ",
+        "the small cache (part 4, maxsize 3):\n    2 hits, 0 misses (hit ratio 100%)",
     ],
-    "usage_broadcast.py": ["received 100, missed   0", "slow", "usage statistics:", "mean="],
-    "system_monitor.py": ["cpu", "memory", "pool:workers", "usage statistics:", "peak="],
+    "usage_broadcast.py": [
+        "received 100, missed   0",
+        "slow",
+        "usage statistics:",
+        "mean=",
+        "peaks, from get_usage_stats(): cpu 90.0%, memory 54.5%",
+    ],
+    "system_monitor.py": [
+        "cpu",
+        "memory",
+        "pool:workers",
+        "usage statistics:",
+        "peak=",
+        "leases of 4 resources by 8 workers",
+        "waiting for a resource:",
+    ],
 }
+# A figure with more decimals than anyone reads (``total_wait=6.774004942999454``).
+RAW_FLOAT = re.compile(r"\d\.\d{4,}")
 
 
 def _env() -> dict[str, str]:
@@ -71,6 +90,39 @@ def test_example_runs(example: str, backend: str) -> None:
     assert completed.stderr == ""
     for text in EXPECTED[example]:
         assert text in completed.stdout, f"{text!r} not in the output:\n{completed.stdout}"
+    assert not RAW_FLOAT.search(completed.stdout), completed.stdout
+    assert not re.search(r"\bseed\b", completed.stdout, re.IGNORECASE)
+
+
+def test_system_monitor_without_psutil_says_so_in_one_line() -> None:
+    completed = subprocess.run(
+        [sys.executable, str(RUN_WITHOUT), "psutil", str(EXAMPLES / "system_monitor.py")],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert completed.stderr.splitlines() == [
+        "system_monitor.py samples this machine with psutil, which is not installed: "
+        'pip install "darwin-metrics[system]"'
+    ]
+
+
+def test_the_readme_says_which_examples_need_an_extra() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.partition("## Examples\n")[2].partition("\n## ")[0]
+    rows = {
+        match[1]: match[2]
+        for match in re.finditer(r"^\| \[`(\w+\.py)`\]\([^)]*\) \| ([^|]*) \|", section, re.M)
+    }
+    assert sorted(rows) == sorted(EXPECTED)
+    for example, needs in rows.items():
+        assert ("`system` extra" in needs) == (example == "system_monitor.py"), (example, needs)
+    assert "`--backend trio` needs the `trio` extra" in section
 
 
 def test_example_rejects_an_unknown_backend() -> None:
@@ -97,13 +149,17 @@ def test_readme_has_snippets() -> None:
 
 
 @pytest.mark.parametrize("number", range(len(readme_snippets())))
-def test_readme_snippet_runs(number: int, tmp_path: Path) -> None:
+def test_readme_snippet_runs(number: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    snippet = readme_snippets()[number]
     script = tmp_path / f"snippet_{number}.py"
-    script.write_text(readme_snippets()[number], encoding="utf-8")
+    script.write_text(snippet, encoding="utf-8")
+    env = _env()
+    if "REDIS_URL" in snippet:  # the shared cache tier's: a server of the tests' own
+        env["REDIS_URL"] = request.getfixturevalue("redis_url")
     completed = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
-        env=_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

@@ -357,8 +357,9 @@ class TestWait:
                     task_group.start_soon(manager.track_resource_usage, "cpu", number)
                     await anyio.wait_all_tasks_blocked()
                 got = values(rx.drain())
-                assert got == [0.0, 1.0]
-                # rx has room now, but 2 and 3 were tracked first: 4 must queue behind them.
+                # Draining makes room, and the events waiting for it move in, in order.
+                assert got == [0.0, 1.0, 2.0, 3.0]
+                # lagging is still full: 4 queues behind 1, 2 and 3 there.
                 task_group.start_soon(manager.track_resource_usage, "cpu", 4)
                 while len(got) < 5:
                     await anyio.wait_all_tasks_blocked()
@@ -374,7 +375,10 @@ class TestWait:
             await anyio.wait_all_tasks_blocked()
             for number in range(5):
                 await manager.track_resource_usage("cpu", number)
-            assert rx.buffered == 0
+                # Each call returned only once the subscriber was waiting for it.
+                assert rx.buffered == 1
+                await anyio.wait_all_tasks_blocked()
+                assert rx.buffered == 0
         assert values(received) == list(range(5))
 
     async def test_closing_a_subscriber_releases_its_tracker(self) -> None:
@@ -394,7 +398,8 @@ class TestWait:
             await manager.track_resource_usage("cpu", 1)
             task_group.start_soon(manager.track_resource_usage, "cpu", 2)
             await anyio.wait_all_tasks_blocked()
-        assert values(waiting.drain()) == [1.0]
+        # The blocked call returned when the manager exited, so its event was delivered.
+        assert values(waiting.drain()) == [1.0, 2.0]
         waiting.close()
 
 
@@ -954,9 +959,9 @@ class TestRegressions:
 
         monkeypatch.setattr(psutil, "disk_partitions", lambda all=False: [Partition()])
         monkeypatch.setattr(psutil, "disk_usage", lambda path: Usage())
-        from darwin_metrics._manager import _read_disks
+        from darwin_metrics._manager._samplers import read_disks
 
-        assert _read_disks() == []
+        assert read_disks() == ([], {"disk:/mnt/fuse"})
 
     async def test_a_block_raising_comes_out_unwrapped(self) -> None:
         with pytest.raises(KeyError, match="mine"):
@@ -970,17 +975,17 @@ class TestRegressions:
         pytest.importorskip("psutil")
         import threading
 
-        import darwin_metrics._manager as manager_module
+        import darwin_metrics._manager._samplers as samplers_module
 
         release = threading.Event()
         entered = threading.Event()
 
-        def hung() -> list[tuple[str, float]]:
+        def hung() -> tuple[list[tuple[str, float]], set[str]]:
             entered.set()
             release.wait()  # a stale network mount
-            return []
+            return [], set()
 
-        monkeypatch.setattr(manager_module, "_read_disks", hung)
+        monkeypatch.setattr(samplers_module, "read_disks", hung)
         try:
             with anyio.fail_after(5):
                 async with ResourceManager() as manager:

@@ -842,19 +842,23 @@ class TestStatisticsAndRepr:
         await pool.acquire()
         await pool.release(a)
         stats = pool.statistics()
-        assert stats == PoolStatistics(
-            max_size=3,
-            size=2,
-            idle=1,
-            leased=1,
-            waiting=0,
-            created=2,
-            disposed=0,
-            acquired=2,
-            timeouts=0,
-            total_wait=0.0,
-            longest_wait=0.0,
+        assert isinstance(stats, PoolStatistics)
+        assert (stats.max_size, stats.min_idle, stats.size, stats.idle, stats.leased) == (
+            3,
+            0,
+            2,
+            1,
+            1,
         )
+        assert (stats.waiting, stats.created, stats.disposed, stats.acquired) == (0, 2, 0, 2)
+        assert (stats.timeouts, stats.total_wait, stats.longest_wait) == (0, 0.0, 0.0)
+        assert (stats.acquired_at_once, stats.acquired_after_wait, stats.waits_abandoned) == (
+            2,
+            0,
+            0,
+        )
+        assert stats.factory_errors == 0
+        assert (stats.use_time.count, stats.create_time.count, stats.wait_time.count) == (1, 2, 0)
         assert repr(pool).startswith("<darwin_metrics.ResourcePool at 0x")
         assert "1/3 leased, 1 idle, 0 waiting>" in repr(pool)
         with pytest.raises(AttributeError):
@@ -965,15 +969,17 @@ class TestRegressions:
     async def test_upkeep_does_not_spin_while_prefill_cannot_progress(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        from darwin_metrics._pool import _upkeep
+
         iterations = 0
-        collect = ResourcePool._collect_expired
+        collect = _upkeep.collect_expired
 
         def counting(pool: ResourcePool[Any]) -> list[Any]:
             nonlocal iterations
             iterations += 1
             return collect(pool)
 
-        monkeypatch.setattr(ResourcePool, "_collect_expired", counting)
+        monkeypatch.setattr(_upkeep, "collect_expired", counting)
         async with ResourcePool(1, factory=Factory(), min_idle=1) as pool:
             async with pool.lease():
                 for _ in range(200):
@@ -995,14 +1001,14 @@ class TestRegressions:
             return Resource(calls)
 
         waits = 0
-        original = ResourcePool._wait_for_token
+        original = ResourcePool._park
 
-        async def counting(pool: ResourcePool[Any], lease: Any) -> bool:
+        async def counting(pool: ResourcePool[Any], lease: Any, front: bool) -> None:
             nonlocal waits
             waits += 1
-            return await original(pool, lease)
+            await original(pool, lease, front)
 
-        monkeypatch.setattr(ResourcePool, "_wait_for_token", counting)
+        monkeypatch.setattr(ResourcePool, "_park", counting)
         async with ResourcePool(1, factory=factory, min_idle=1) as pool:
             await anyio.lowlevel.checkpoint()  # prefill is now blocked in the factory
             async with anyio.create_task_group() as tg:

@@ -7,6 +7,7 @@ identities it hands out must match the model exactly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -134,6 +135,58 @@ class PoolMachine(RuleBasedStateMachine):
         assert item is not None
         self.leases[id(item)] = manager
         return item
+
+    @precondition(lambda self: self.backend == "asyncio")
+    @rule(target=held, steps=st.integers(min_value=0, max_value=3))
+    def acquire_cancelled_natively(self, steps: int) -> Item | None:
+        """task.cancel() after ``steps`` loop iterations: it got one, or nothing changed."""
+        expected = self._expected_take()
+
+        async def run() -> tuple[Item | None, bool]:
+            task = asyncio.ensure_future(self.pool.acquire())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                return await task, True
+            except asyncio.CancelledError:
+                return None, False
+
+        got, finished = self.portal.call(run)
+        if not finished:
+            return None
+        return self._took(expected, got)
+
+    @precondition(lambda self: self.backend == "asyncio")
+    @rule(steps=st.integers(min_value=0, max_value=3))
+    def lease_in_a_task_cancelled_natively(self, steps: int) -> None:
+        """The lease's body is cancelled natively; the resource is back, on top of idle."""
+        expected = self._expected_take()
+        got: list[Item] = []
+
+        async def run() -> None:
+            async def body() -> None:
+                async with self.pool.lease(timeout=0) as item:
+                    got.append(item)
+                    await asyncio.sleep(3600)
+
+            task = asyncio.ensure_future(body())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PoolTimeoutError, PoolEmptyError):
+                await task
+
+        self.portal.call(run)
+        if not got:
+            return
+        [item] = got
+        if expected == "new":
+            assert item.number == self.counter
+            self.created += 1
+            self.idle.append(item)
+        else:
+            assert item is expected  # taken from the top of idle, and put back there
 
     @rule(item=consumes(held))
     def give_back(self, item: Item | None) -> None:

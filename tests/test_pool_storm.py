@@ -9,12 +9,15 @@ the pool's books must balance. ``DARWIN_METRICS_STRESS=1`` makes the storm ten t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
+import sys
 from typing import Any
 
 import anyio
+import looptime
 import pytest
 
 from darwin_metrics import PoolClosedError, PoolFullError, PoolTimeoutError
@@ -118,6 +121,7 @@ class Storm:
                 finally:
                     if self.owner.get(conn.number) == task:
                         self.give(conn)
+                    self.giving_back()  # the lease's exit comes next
         else:
             conn_or_none = await pool.acquire(timeout=rng.choice([None, 0.2, 20.0]))
             assert conn_or_none is not None
@@ -127,10 +131,14 @@ class Storm:
                 await self.hold()
             finally:
                 self.give(conn)
+                self.giving_back()
                 if rng.random() < 0.1:
                     await pool.discard(conn)
                 else:
                     await pool.release(conn)
+
+    def giving_back(self) -> None:
+        """Called just before a resource goes back (a hook for the native storm)."""
 
     async def worker(self, task: int, operations: int) -> None:
         for _ in range(operations):
@@ -234,3 +242,84 @@ async def test_storm_on_a_pool_without_factory() -> None:
     assert pool._limiter.total_tokens == stats.size
     assert pool._limiter.borrowed_tokens == 0
     assert nones > 0  # the pool ran dry at some point, and said so
+
+
+class NativeStorm(Storm):
+    """The storm again, cancelled the way asyncio itself cancels: ``asyncio.timeout``,
+    ``asyncio.wait_for`` around operations, and a chaos task that ``task.cancel()``s workers
+    at random moments."""
+
+    async def reset(self, conn: Conn) -> None:
+        for _ in range(self.rng.randrange(3)):
+            await asyncio.sleep(0)  # where a native cancellation lands now and then
+
+    async def dispose(self, conn: Conn) -> None:  # type: ignore[override]
+        assert not conn.closed, "disposed twice"
+        assert conn.number not in self.owner, "disposed while held"
+        for _ in range(self.rng.randrange(3)):
+            await asyncio.sleep(0)
+        conn.closed = True  # only once the whole dispose ran
+        self.disposed += 1
+
+    def giving_back(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.returning.append(task)
+
+    async def native_worker(self, task: int, operations: int) -> None:
+        rng = self.rng
+        me = asyncio.current_task()
+        assert me is not None
+        for _ in range(operations):
+            how = rng.random()
+            try:
+                if how < 0.3:
+                    async with asyncio.timeout(rng.choice([0.001, 0.1, 1.0])):
+                        await self.one_operation(task)
+                elif how < 0.5:
+                    await asyncio.wait_for(self.one_operation(task), rng.choice([0.001, 0.1]))
+                else:
+                    await self.one_operation(task)
+            except (PoolTimeoutError, ConnectionError, BodyError, TimeoutError):
+                pass
+            except asyncio.CancelledError:
+                me.uncancel()  # the chaos task's: carry on with the next operation
+            except PoolClosedError:
+                return
+
+    async def chaos(self, workers: list[asyncio.Task[None]]) -> int:
+        """Cancel natively, at random: a worker, or a task that is giving a resource back."""
+        cancels = 0
+        self.returning: list[asyncio.Task[Any]] = []
+        while any(not worker.done() for worker in workers):
+            await asyncio.sleep(self.rng.choice([0, 0, 0, 0.001]))
+            returning, self.returning = self.returning, []
+            if returning and self.rng.random() < 0.7:
+                victim = self.rng.choice(returning)
+            else:
+                victim = self.rng.choice(workers)
+            if not victim.done():
+                victim.cancel()
+                cancels += 1
+        return cancels
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout and uncancel: 3.11")
+@pytest.mark.parametrize(
+    "anyio_backend",
+    [pytest.param(("asyncio", {"loop_factory": lambda: looptime.new_event_loop(start=0)}))],
+)
+async def test_storm_with_native_asyncio_cancellation() -> None:
+    storm = NativeStorm(5)
+    storm.returning = []
+    tasks, operations = 300 * SCALE, 20
+    workers = [
+        asyncio.ensure_future(storm.native_worker(task, operations)) for task in range(tasks)
+    ]
+    cancels = await storm.chaos(workers)
+    await asyncio.gather(*workers)
+    storm.check_books()
+    assert cancels > tasks  # the chaos really landed
+    assert storm.acquisitions > tasks * operations // 3
+    await storm.pool.aclose()
+    assert all(conn.closed for conn in storm.made)

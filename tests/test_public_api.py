@@ -7,10 +7,11 @@ import types
 import pytest
 
 import darwin_metrics
+import darwin_metrics.redis
 import darwin_metrics.resource
 
 
-@pytest.mark.parametrize("module", [darwin_metrics, darwin_metrics.resource])
+@pytest.mark.parametrize("module", [darwin_metrics, darwin_metrics.redis, darwin_metrics.resource])
 def test_all_is_sorted_and_complete(module: types.ModuleType) -> None:
     exported = module.__all__
     assert list(exported) == sorted(exported)
@@ -48,3 +49,25 @@ def test_components_and_errors_are_where_the_docs_say() -> None:
     )
     for component in (Cache, ResourceManager, ResourcePool, ResourceUsage):
         assert component.__module__.startswith("darwin_metrics._")  # private modules
+
+
+def test_the_redis_tier_and_its_errors() -> None:
+    import subprocess
+    import sys
+
+    from darwin_metrics import RedisCacheError, RedisUnavailableError, SerializationError
+    from darwin_metrics.redis import JSONSerializer, PickleSerializer, RedisCache
+
+    assert issubclass(RedisUnavailableError, RedisCacheError)
+    assert issubclass(RedisUnavailableError, ConnectionError)
+    assert issubclass(SerializationError, RedisCacheError)
+    assert issubclass(SerializationError, ValueError)
+    assert issubclass(RedisCacheError, darwin_metrics.DarwinMetricsError)
+    for component in (RedisCache, JSONSerializer, PickleSerializer):
+        assert component.__module__.startswith("darwin_metrics._redis.")
+    # The core never imports the integration, and the integration imports coredis lazily.
+    code = (
+        "import sys, darwin_metrics, darwin_metrics.resource, darwin_metrics.redis; "
+        "assert 'coredis' not in sys.modules, 'coredis imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
