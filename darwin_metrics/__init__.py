@@ -26,7 +26,9 @@ from ._errors import (
     TrackingTimeoutError,
 )
 from .resource import (
+    BoundCachedFunction,
     Cache,
+    CachedFunction,
     CacheStatistics,
     EvictionCause,
     Histogram,
@@ -37,13 +39,16 @@ from .resource import (
     ResourceUsage,
     Subscription,
     UsageStatistics,
+    cached,
 )
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BoundCachedFunction",
     "Cache",
     "CacheStatistics",
+    "CachedFunction",
     "DarwinMetricsError",
     "EvictionCause",
     "Histogram",
@@ -67,4 +72,5 @@ __all__ = [
     "TrackingTimeoutError",
     "UsageStatistics",
     "__version__",
+    "cached",
 ]
