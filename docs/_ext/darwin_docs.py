@@ -68,6 +68,13 @@ _ASYNCIO_PAGES = {
     "asyncio-eventloop.html": {"asyncio.get_running_loop", "asyncio.AbstractEventLoop"},
     "asyncio-future.html": {"asyncio.Future"},
 }
+# anyio's modules, by the guide that introduces them (its API page anchors functions only).
+_ANYIO_MODULES = {
+    "anyio.from_thread": "threads.html",
+    "anyio.to_thread": "threads.html",
+    "anyio.lowlevel": "api.html",
+    "anyio.abc": "api.html",
+}
 # trio's reference is split by topic: the first matching prefix names the page.
 _TRIO_PAGES = (
     ("trio.testing.", "reference-testing.html"),
@@ -103,6 +110,8 @@ def external_url(target: str) -> str | None:
                 return f"{PYTHON}{page}#{target}"
         return None
     if top == "anyio":
+        if target in _ANYIO_MODULES:
+            return f"{ANYIO}{_ANYIO_MODULES[target]}"
         return f"{ANYIO}api.html#{target}"  # one page for all of anyio's API
     if top == "trio":
         for prefix, page in _TRIO_PAGES:
