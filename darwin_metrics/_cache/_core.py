@@ -732,7 +732,7 @@ class Cache(Generic[K, V]):
         return self._take(key) is not _MISSING
 
     def pop(self, key: K, default: T | Literal[_Sentinel.MISSING] = _MISSING) -> V | T:
-        """Remove ``key``'s entry and return its value, as :meth:`dict.pop` does.
+        """Remove ``key``'s entry and return its value, as ``dict.pop`` does.
 
         Like :meth:`remove`, it drops an expired entry but does not return its value.
 

@@ -92,6 +92,8 @@ _BARE_NAMES = {
     "Hashable": "collections.abc.Hashable",
     "Sequence": "collections.abc.Sequence",
     "Self": "typing.Self",
+    "TaskGroup": "anyio.abc.TaskGroup",
+    "AbstractAsyncContextManager": "contextlib.AbstractAsyncContextManager",
 }
 
 
@@ -122,7 +124,17 @@ def external_url(target: str) -> str | None:
             if target in names:
                 return f"{PYTHON}{page}#{target}"
         return f"{PYTHON}asyncio.html"
-    if top in {"collections", "datetime", "time", "typing", "pickle", "threading", "json", "ssl"}:
+    if top in {
+        "collections",
+        "contextlib",
+        "datetime",
+        "time",
+        "typing",
+        "pickle",
+        "threading",
+        "json",
+        "ssl",
+    }:
         module = "collections.abc" if target.startswith("collections.abc.") else top
         anchor = target if target != module else f"module-{module}"
         return f"{PYTHON}{module}.html#{anchor}"
@@ -162,7 +174,7 @@ def _on_missing_reference(
 
 # Return types of public methods that are private classes, and the protocol they implement.
 _PUBLIC_RETURNS = {
-    r"_LeaseContext\[(\w+)\]": r"contextlib.AbstractAsyncContextManager[\1]",
+    r"\bLeaseContext\[(\w+)\]": r"contextlib.AbstractAsyncContextManager[\1]",
 }
 
 
