@@ -11,6 +11,7 @@ tier, extra ``redis``).
 from __future__ import annotations
 
 from ._errors import (
+    CapacityLostError,
     DarwinMetricsError,
     PoolClosedError,
     PoolEmptyError,
@@ -49,6 +50,7 @@ __all__ = [
     "Cache",
     "CacheStatistics",
     "CachedFunction",
+    "CapacityLostError",
     "DarwinMetricsError",
     "EvictionCause",
     "Histogram",

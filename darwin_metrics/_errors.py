@@ -10,6 +10,7 @@ from __future__ import annotations
 import anyio
 
 __all__ = [
+    "CapacityLostError",
     "DarwinMetricsError",
     "PoolClosedError",
     "PoolEmptyError",
@@ -102,6 +103,9 @@ class RedisCacheError(DarwinMetricsError):
 class RedisUnavailableError(RedisCacheError, ConnectionError):
     """The Valkey/Redis server could not be reached, refused the connection, or dropped it.
 
+    Raised by :class:`~darwin_metrics.redis.RedisCache` and by
+    :class:`~darwin_metrics.redis.SharedCapacityLimiter`.
+
     The error's ``__cause__`` is the client library's own error. An operation that raised
     this left the in-process tier consistent: a write that may or may not have reached the
     server has still dropped the key from the process's local cache.
@@ -114,4 +118,14 @@ class SerializationError(RedisCacheError, ValueError):
     Raised before anything is written (a value the serializer cannot handle), or instead of
     returning what the server holds (bytes the serializer cannot read; nothing is cached
     locally). The error's ``__cause__`` is the serializer's own error.
+    """
+
+
+class CapacityLostError(DarwinMetricsError):
+    """A permit of a :class:`~darwin_metrics.redis.SharedCapacityLimiter` was lost while held.
+
+    Its lease ran out before the limiter could renew it (the process could not reach the
+    server for a whole lease), so the server may have granted it to another process; or the
+    limiter stopped. The ``async with limiter:`` block that held it was cancelled, and leaving
+    it raises this.
     """

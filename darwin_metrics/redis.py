@@ -1,11 +1,13 @@
-"""The shared cache tier on Valkey/Redis: :class:`RedisCache` and its serializers.
+"""Valkey/Redis integrations: the shared cache tier :class:`RedisCache` and its serializers,
+and the fleet-wide capacity limit :class:`SharedCapacityLimiter`.
 
 Needs the ``redis`` extra (``pip install 'darwin-metrics[redis]'``, which brings coredis);
-importing this module does not import coredis, using the tier does.
+importing this module does not import coredis, using them does.
 """
 
 from __future__ import annotations
 
+from ._redis._limiter import SharedCapacityLimiter, SharedCapacityLimiterStatistics, SharedPermit
 from ._redis._serializers import JSONSerializer, PickleSerializer, Serializer
 from ._redis._tier import RedisCache, RedisCacheStatistics
 
@@ -15,4 +17,7 @@ __all__ = [
     "RedisCache",
     "RedisCacheStatistics",
     "Serializer",
+    "SharedCapacityLimiter",
+    "SharedCapacityLimiterStatistics",
+    "SharedPermit",
 ]
