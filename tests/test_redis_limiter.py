@@ -23,12 +23,18 @@ import coredis
 import pytest
 from _redis_server import RedisServer
 
-from darwin_metrics import CapacityLostError, RedisUnavailableError
+from darwin_metrics import (
+    CapacityLostError,
+    PoolClosedError,
+    PoolTimeoutError,
+    RedisUnavailableError,
+)
 from darwin_metrics.redis import (
     SharedCapacityLimiter,
     SharedCapacityLimiterStatistics,
     SharedPermit,
 )
+from darwin_metrics.resource import ResourcePool
 
 pytestmark = [
     pytest.mark.anyio,
@@ -737,3 +743,255 @@ class TestCancellation:
                 await a.acquire_on_behalf_of("forgotten")
                 scope.cancel()
         await assert_idle(redis_session_server)
+
+
+class Connections:
+    """A factory and dispose hook that note what exists, and the fleet's count at each step."""
+
+    def __init__(self, server: RedisServer, limiter: SharedCapacityLimiter | None = None) -> None:
+        self.server = server
+        self.limiter = limiter
+        self.made = 0
+        self.open: set[int] = set()
+        self.held_at_dispose: list[int] = []
+        self.fail_next = False
+
+    async def create(self) -> int:
+        await anyio.lowlevel.checkpoint()
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("the database refused the connection")
+        self.made += 1
+        self.open.add(self.made)
+        return self.made
+
+    async def dispose(self, resource: int) -> None:
+        # The resource's token is still held while it is being closed.
+        if self.limiter is not None:
+            self.held_at_dispose.append(self.limiter.borrowed_tokens)
+        await anyio.sleep(0.01)
+        self.open.discard(resource)
+
+
+class TestPoolSharedLimit:
+    async def test_a_token_per_resource_from_creation_to_disposal(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a = limiter(redis_url, total=3)
+        hooks = Connections(redis_session_server, a)
+        async with a.running():
+            pool = ResourcePool(
+                3, factory=hooks.create, dispose=hooks.dispose, shared_limit=a, max_idle_time=0.2
+            )
+            async with pool:
+                async with pool.lease(), pool.lease():
+                    assert on_server(redis_session_server)[0] == 2
+                # Idle resources keep their tokens...
+                assert pool.statistics().idle == 2
+                assert a.borrowed_tokens == 2
+                # ...until idle reaping disposes them.
+                await wait_for(lambda: pool.statistics().size == 0)
+                await wait_for(lambda: on_server(redis_session_server)[0] == 0)
+                assert hooks.held_at_dispose == [2, 1]
+                assert pool.statistics().disposals.idle == 2
+                async with pool.lease():
+                    pass
+            assert not hooks.open
+            await assert_idle(redis_session_server, a)
+
+    async def test_waiting_for_a_token_is_bounded_by_the_timeout(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=1), limiter(redis_url, total=1)
+        hooks = Connections(redis_session_server)
+        async with running(a, b):
+            elsewhere = await b.acquire_on_behalf_of("another process")
+            async with ResourcePool(2, factory=hooks.create, shared_limit=a) as pool:
+                with pytest.raises(PoolTimeoutError):
+                    await pool.acquire(timeout=0.1)
+                stats = pool.statistics()
+                assert (stats.size, stats.timeouts, stats.factory_errors) == (0, 1, 0)
+                assert hooks.made == 0
+                # Cancelled while it waits: nothing made, nothing held.
+                with anyio.move_on_after(0.05):
+                    await pool.acquire()
+                assert a.statistics().tasks_waiting == 0
+                elsewhere.release()
+                async with pool.lease() as conn:  # the token is free now
+                    assert conn == 1
+            await assert_idle(redis_session_server, a, b)
+
+    async def test_a_failed_creation_gives_its_token_back_at_once(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a = limiter(redis_url, total=1)
+        hooks = Connections(redis_session_server)
+        async with a.running(), ResourcePool(1, factory=hooks.create, shared_limit=a) as pool:
+            hooks.fail_next = True
+            with pytest.raises(OSError, match="refused"):
+                await pool.acquire()
+            assert pool.statistics().factory_errors == 1
+            await wait_for(lambda: on_server(redis_session_server)[0] == 0)
+            assert a.borrowed_tokens == 0
+            async with pool.lease():
+                assert on_server(redis_session_server)[0] == 1
+
+    async def test_a_creation_waiting_for_a_token_takes_a_resource_that_comes_back(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=2), limiter(redis_url, total=2)
+        hooks = Connections(redis_session_server)
+        async with running(a, b):
+            await b.acquire_on_behalf_of("another process")
+            async with ResourcePool(3, factory=hooks.create, shared_limit=a) as pool:
+                first = await pool.acquire()
+                got: list[int] = []
+
+                async def second() -> None:
+                    got.append(await pool.acquire(timeout=5))  # no token: it waits
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(second)
+                    await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                    await pool.release(first)  # ...and takes this one instead
+                assert got == [first]
+                assert hooks.made == 1
+                assert a.statistics().cancelled == 1  # the wait gave way
+                await pool.release(got[0])
+                b.release_on_behalf_of("another process")
+            await assert_idle(redis_session_server, a, b)
+
+    async def test_closing_ends_creations_waiting_for_a_token(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=1), limiter(redis_url, total=1)
+        hooks = Connections(redis_session_server)
+        async with running(a, b):
+            await b.acquire_on_behalf_of("another process")
+            pool = ResourcePool(2, factory=hooks.create, shared_limit=a)
+            errors: list[BaseException] = []
+
+            async def acquire() -> None:
+                try:
+                    await pool.acquire()
+                except PoolClosedError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(acquire)
+                await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                await pool.aclose()
+            assert len(errors) == 1
+            b.release_on_behalf_of("another process")
+            await assert_idle(redis_session_server, a, b)
+
+    async def test_prefill_takes_only_free_tokens(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=3), limiter(redis_url, total=3)
+        hooks = Connections(redis_session_server)
+        async with running(a, b):
+            taken = [await b.acquire_on_behalf_of(n) for n in range(2)]
+            pool = ResourcePool(3, factory=hooks.create, shared_limit=a, min_idle=3)
+            async with pool:  # one token free: one made, and entering does not wait
+                assert pool.statistics().idle == 1
+                assert a.statistics().tasks_waiting == 0
+                for permit in taken:
+                    permit.release()
+                # Upkeep tries again (with backoff) and fills up once tokens are free.
+                await wait_for(lambda: pool.statistics().idle == 3, timeout=5)
+            await assert_idle(redis_session_server, a, b)
+
+    async def test_a_lost_token_disposes_its_resource(
+        self, redis_url: str, redis_session_server: RedisServer, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        a = limiter(redis_url, total=3, lease=0.45)
+        hooks = Connections(redis_session_server)
+        async with a.running():
+            pool = ResourcePool(3, factory=hooks.create, dispose=hooks.dispose, shared_limit=a)
+            async with pool:
+                leased = await pool.acquire()
+                async with pool.lease():
+                    pass  # one idle, one leased
+                redis_session_server.command("DEL", KEYS["holders"])  # both tokens gone
+                await wait_for(lambda: a.statistics().lost == 2)
+                await wait_for(lambda: pool.statistics().idle == 0)  # upkeep disposed it
+                await pool.release(leased)  # and the leased one goes when it comes back
+                stats = pool.statistics()
+                assert stats.disposals.limit_lost == 2
+                assert stats.size == 0
+                assert not hooks.open
+                assert "token of its shared limit was lost" in caplog.text
+                async with pool.lease():  # a new one, under a new token
+                    assert a.borrowed_tokens == 1
+            await assert_idle(redis_session_server, a)
+
+    async def test_bad_shared_limits(self, redis_url: str) -> None:
+        with pytest.raises(TypeError, match="shared_limit must be a SharedCapacityLimiter"):
+            ResourcePool(2, factory=object, shared_limit=anyio.CapacityLimiter(2))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="needs a factory"):
+            ResourcePool(2, shared_limit=limiter(redis_url))
+        a = limiter(redis_url)
+        async with a.running(), ResourcePool(2, factory=object, shared_limit=a) as pool:
+            with pytest.raises(ValueError, match="only the resources its factory made"):
+                await pool.release(object())
+            assert pool.statistics().size == 0
+
+    async def test_cancellation_at_every_moment_of_a_wait_for_a_token(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=1), limiter(redis_url, total=1)
+        hooks = Connections(redis_session_server)
+        async with running(a, b), ResourcePool(1, factory=hooks.create, shared_limit=a) as pool:
+            for step in range(20):
+                elsewhere = await b.acquire_on_behalf_of("another process")
+
+                async def take(step: int = step) -> None:
+                    with anyio.move_on_after(step * 0.0004):
+                        async with pool.lease():
+                            pass
+
+                async with anyio.create_task_group() as group:
+                    group.start_soon(take)
+                    await anyio.sleep(step * 0.0002)
+                    elsewhere.release()
+                # Whatever happened, the pool and the fleet agree.
+                await wait_for(
+                    lambda: on_server(redis_session_server)[0] == pool.statistics().size
+                )
+                assert a.borrowed_tokens == pool.statistics().size
+                await pool.drain()
+                await assert_idle(redis_session_server, a, b)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+    async def test_native_cancellation_of_a_wait_for_a_token(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        a, b = limiter(redis_url, total=1), limiter(redis_url, total=1)
+        hooks = Connections(redis_session_server)
+        async with running(a, b), ResourcePool(1, factory=hooks.create, shared_limit=a) as pool:
+            for style, step in itertools.product(("cancel", "wait_for"), range(25)):
+                elsewhere = await b.acquire_on_behalf_of("another process")
+
+                async def take() -> None:
+                    async with pool.lease():
+                        await asyncio.sleep(0)
+
+                task = asyncio.ensure_future(take())
+                for _ in range(step % 5):
+                    await asyncio.sleep(0)
+                elsewhere.release()
+                if style == "cancel":
+                    for _ in range(step):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(task, step * 0.0003)
+                await wait_for(
+                    lambda: on_server(redis_session_server)[0] == pool.statistics().size
+                )
+                await pool.drain()
+                await assert_idle(redis_session_server, a, b)

@@ -2,6 +2,8 @@
 
 - :mod:`._pool`: :class:`ResourcePool`: checkout, give-back, the wait queue, the public API.
 - :mod:`._upkeep`: prefill, idle reaping, retirement and leak warnings (the upkeep task).
+- :mod:`._shared`: ``shared_limit``: a token of a limit shared with other processes per
+  resource created, given back once the resource is disposed.
 - :mod:`._lease`: what ``lease()`` returns.
 - :mod:`._entries`: what the pool keeps per resource and per lease.
 - :mod:`._statistics`: :class:`PoolStatistics` and :class:`PoolDisposals`, frozen snapshots.

@@ -85,7 +85,7 @@ from .._lowlevel import get_running_loop as _get_running_loop
 from .._lowlevel import trio_checkpoint as _trio_checkpoint
 from .._lowlevel import trio_token as _trio_token
 from .._tasks import exit_task_group
-from . import _upkeep
+from . import _shared, _upkeep
 from ._args import DEFAULT, Default, check_hook, check_seconds, check_size
 from ._entries import Entry, Lease, where_acquired
 from ._holders import find_holders
@@ -172,6 +172,18 @@ class ResourcePool(Generic[T]):
         hook_timeout: Seconds an async ``reset`` or ``dispose`` may take (default 10). One
             that takes longer is abandoned (cancelled) with an error logged; its resource
             leaves the pool and the caller goes on. ``None`` waits for ever.
+        shared_limit: A limit that this pool shares with other pools and processes, such as
+            a :class:`~darwin_metrics.redis.SharedCapacityLimiter` (needs ``factory``). The
+            pool takes one of its tokens before it creates a resource, and gives it back once
+            the resource is disposed: idle resources keep theirs (a database counts idle
+            connections too), so set ``max_idle_time`` to give tokens back when the pool is
+            quiet. Waiting for a token is part of the acquisition (bounded by its ``timeout``,
+            ended by its cancellation), and gives way to a resource of this pool that comes
+            back meanwhile; a creation that fails or is cancelled gives its token back at
+            once. Prefill (``min_idle``) takes only tokens that are free at once. A resource
+            whose token was lost (the limiter could not renew it in time) is disposed at its
+            next checkout or return, or by upkeep if idle (reason ``limit_lost``). Use the
+            pool inside the limiter's ``async with limiter.running():`` block.
 
     Hooks may be sync or async callables. Prefill, idle reaping, retirement of idle resources
     and leak warnings while a lease is held run in the upkeep task of ``async with pool:``.
@@ -226,6 +238,10 @@ class ResourcePool(Generic[T]):
         "_ready_timeout",
         "_record_use",
         "_reset",
+        "_shared_limit",
+        "_shared_lost",
+        "_shared_tokens",
+        "_shared_waits",
         "_size",
         "_task_group",
         "_timeout",
@@ -264,6 +280,7 @@ class ResourcePool(Generic[T]):
         ready_timeout: float | None = _DEFAULT_READY_TIMEOUT,
         on_timing: Callable[[TimingKind, float], object] | None = None,
         hook_timeout: float | None = _DEFAULT_HOOK_TIMEOUT,
+        shared_limit: _shared.SharedLimit | None = None,
     ) -> None:
         self._max_size = check_size("max_size", max_size, 1)
         self._min_idle = check_size("min_idle", min_idle, 0)
@@ -316,6 +333,11 @@ class ResourcePool(Generic[T]):
         self._reset = reset
         self._dispose = dispose
         self._on_timing = on_timing
+        # The shared limit (see _shared.py): a token per resource created, until disposed.
+        self._shared_limit = _shared.check(shared_limit, factory)
+        self._shared_tokens: dict[int, _shared.Token] = {}
+        self._shared_waits: list[CancelScope] = []  # creations waiting for a token
+        self._shared_lost: set[int] = set()  # resources whose token was lost
 
         self._idle: list[Entry] = []
         self._leased: dict[int, Lease] = {}
@@ -426,14 +448,21 @@ class ResourcePool(Generic[T]):
     def _update_fast_paths(self) -> None:
         # Checkout is a plain pop, and a return a plain append, unless a hook, upkeep or a
         # watcher must see it.
-        observed = self._leak_threshold is not None or bool(self._watchers)
+        observed = (
+            self._leak_threshold is not None
+            or bool(self._watchers)
+            or bool(self._shared_lost)  # a lost token's resource leaves at checkout or return
+        )
         self._plain_checkout = (
             self._check is None and self._max_lifetime is None and not self._min_idle
         ) and not observed
         # A return must note when the resource went idle if anything times idleness, and must
         # look at its generation while drain() waits for older resources to come back.
         self._plain_return = (
-            self._reset is None and not self._needs_clock() and not self._draining
+            self._reset is None
+            and not self._needs_clock()
+            and not self._draining
+            and not self._shared_waits  # a return lets a creation waiting for a token off
         ) and not observed
 
     def _watch(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -598,6 +627,8 @@ class ResourcePool(Generic[T]):
         limiter.release_on_behalf_of(lease)
         if self._waiters:
             self._serve()
+        if self._shared_waits and self._idle:
+            _shared.give_way(self)  # a creation waits for a shared token: take this instead
 
     def _serve(self) -> None:
         """Hand free tokens to the longest waiters, each with an idle resource if any (sync).
@@ -698,11 +729,12 @@ class ResourcePool(Generic[T]):
         if candidate is not None:
             orphans.append(self._put_back(candidate))
         self._release_token(lease)  # to the next waiter, with the resource
+        deferred: BaseException | None = None
         for orphan in orphans:
-            if orphan is not None:
-                deferred = await self._dispose_resource(orphan.resource)
-                if deferred is not None:
-                    raise deferred
+            if orphan is not None:  # every one of them, whatever the first one deferred
+                deferred = await self._dispose_resource(orphan.resource) or deferred
+        if deferred is not None:
+            raise deferred
 
     async def _run_hook(
         self, name: str, hook: Callable[[T], object], resource: T
@@ -731,10 +763,16 @@ class ResourcePool(Generic[T]):
         return failure is None, deferred
 
     async def _dispose_resource(self, resource: T) -> BaseException | None:
-        """Run the dispose hook to completion; return the exception to raise afterwards."""
-        if self._dispose is None:
-            return None
-        return (await self._run_hook("dispose", self._dispose, resource))[1]
+        """Run the dispose hook to completion; return the exception to raise afterwards.
+
+        Then the resource's shared token (if any) goes back: only once it is closed.
+        """
+        deferred = None
+        if self._dispose is not None:
+            deferred = (await self._run_hook("dispose", self._dispose, resource))[1]
+        if self._shared_tokens:
+            _shared.give_back(self, resource)
+        return deferred
 
     async def _drop(self, entry: Entry, reason: DisposalReason) -> None:
         """Forget and dispose an entry; then raise what the dispose deferred, if anything."""
@@ -761,38 +799,53 @@ class ResourcePool(Generic[T]):
         if deferred is not None:
             raise deferred
 
-    async def _create(self) -> Entry:
-        """Make a new resource with the factory. Cancellation or an error creates nothing."""
+    async def _create(self, wait: bool = True) -> Entry:
+        """Make a new resource with the factory. Cancellation or an error creates nothing.
+
+        With a shared limit, a token of it is taken first (waiting for one if ``wait``; see
+        :mod:`._shared`, whose ``GaveWay`` this raises when there is none), and given back at
+        once if the creation fails.
+        """
         factory = self._factory
         assert factory is not None
         self._creating += 1
-        start = self._clock()
+        token: _shared.Token | None = None
         try:
-            resource = factory()
-            if inspect.isawaitable(resource):
-                resource = await resource
-        except BaseException:
-            self._factory_errors += 1
-            raise
-        else:
+            if self._shared_limit is not None:
+                token = await _shared.take(self, wait=wait)
+            start = self._clock()
+            try:
+                resource = factory()
+                if inspect.isawaitable(resource):
+                    resource = await resource
+            except BaseException:
+                self._factory_errors += 1
+                raise
             took = self._clock() - start
             self._create_time.observe(took)
             if self._on_timing is not None:
                 self._timed("create", took)
+            entry = self._new_entry(resource)
+        except BaseException:
+            if token is not None:
+                _shared.release(self, token)
+            raise
         finally:
             self._creating -= 1
             if self._min_idle:
                 self._wake_upkeep()  # prefill may have been waiting on this creation
-        return self._new_entry(resource)
+        if token is not None:
+            _shared.attach(self, token, entry)
+        return entry
 
     def _due_for_check(self, entry: Entry) -> bool:
         """Whether an idle resource is checked on this checkout (``check_after_idle``)."""
         after = self._check_after_idle
         return after is None or anyio.current_time() - entry.idle_since > after
 
-    async def _create_checked(self) -> Entry:
+    async def _create_checked(self, wait: bool = True) -> Entry:
         """Make a resource; with ``check_on_create``, check it (a failure: a factory error)."""
-        entry = await self._create()
+        entry = await self._create(wait)
         if self._check_on_create and not await self._passes_check(entry):
             self._factory_errors += 1
             raise ResourceCheckError(
@@ -847,6 +900,9 @@ class ResourcePool(Generic[T]):
                     ):
                         await self._drop(candidate, "lifetime")
                         continue
+                    if _shared.is_lost(self, candidate):
+                        await self._drop(candidate, "limit_lost")
+                        continue
                     if self._check is not None and self._due_for_check(candidate):
                         if not await self._passes_check(candidate):
                             continue
@@ -854,7 +910,10 @@ class ResourcePool(Generic[T]):
                             await self._drop(candidate, "closed")
                             raise self._closed_error()
                 elif self._factory is not None and self._size + self._creating < self._max_size:
-                    candidate = await self._create_checked()
+                    try:
+                        candidate = await self._create_checked()
+                    except _shared.GaveWay:
+                        continue  # a resource came back while this waited for a shared token
                     if self._is_closed():  # closed while the factory ran
                         await self._drop(candidate, "closed")
                         raise self._closed_error()
@@ -1196,6 +1255,11 @@ class ResourcePool(Generic[T]):
                 f"cannot add {resource!r}: the pool already owns max_size={self._max_size} "
                 "resources"
             )
+        if self._shared_limit is not None:
+            raise ValueError(
+                f"cannot add {resource!r}: a pool with a shared_limit holds only the resources "
+                "its factory made (each under a token of the limit)"
+            )
         self._idle.append(self._new_entry(resource))
         if self._factory is None:
             limiter.total_tokens = self._size
@@ -1256,6 +1320,8 @@ class ResourcePool(Generic[T]):
             reason = "drained"
         elif self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
             reason = "lifetime"
+        elif _shared.is_lost(self, entry):
+            reason = "limit_lost"
         if reason is None:
             self._idle.append(entry)
             if self._needs_clock():
@@ -1388,7 +1454,10 @@ class ResourcePool(Generic[T]):
             except WouldBlock:
                 return
             try:
-                entry = await self._create_checked()
+                entry = await self._create_checked(wait=False)
+            except _shared.GaveWay:  # no shared token free: what there is, is in use
+                self._release_token(borrower)
+                return
             except BaseException:
                 self._release_token(borrower)
                 raise
@@ -1466,6 +1535,8 @@ class ResourcePool(Generic[T]):
         if self._leased:
             self._warn_still_leased()
         self._wake_all_waiters()  # each raises PoolClosedError
+        if self._shared_waits:
+            _shared.give_way(self, everyone=True)  # creations waiting for a shared token
         if self._upkeep_scope is not None:
             self._upkeep_scope.cancel()
         idle, self._idle = self._idle, []

@@ -11,7 +11,15 @@ from .._histogram import Histogram
 __all__ = ["DisposalReason", "PoolDisposals", "PoolStatistics", "TimingKind"]
 
 DisposalReason = Literal[
-    "discarded", "check_failed", "reset_failed", "idle", "lifetime", "shrunk", "drained", "closed"
+    "discarded",
+    "check_failed",
+    "reset_failed",
+    "idle",
+    "lifetime",
+    "shrunk",
+    "drained",
+    "closed",
+    "limit_lost",
 ]
 """Why a resource left a pool: one field of :class:`PoolDisposals`."""
 
@@ -42,6 +50,9 @@ class PoolDisposals:
     """Made before :meth:`~darwin_metrics.resource.ResourcePool.drain` was called."""
     closed: int
     """Idle when the pool closed, or given back after it closed."""
+    limit_lost: int = 0
+    """Its token of the pool's ``shared_limit`` was lost (not renewed in time), so it was
+    closed to keep the fleet within the limit."""
 
 
 @attrs.frozen

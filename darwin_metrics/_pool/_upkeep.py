@@ -17,6 +17,7 @@ import anyio
 from anyio import CancelScope, WouldBlock
 from anyio.lowlevel import checkpoint
 
+from . import _shared
 from ._entries import Entry, Lease
 
 if TYPE_CHECKING:
@@ -69,13 +70,17 @@ async def run(pool: ResourcePool[Any], scope: CancelScope) -> None:
                 keepalive_blocked_until = anyio.current_time() + min(keepalive, 1.0)
             if anyio.current_time() >= retry_prefill_at:
                 try:
-                    await prefill(pool)
+                    blocked = await prefill(pool)
                 except Exception:
                     backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
                     retry_prefill_at = anyio.current_time() + backoff
                     logger.exception("prefill failed; retrying in %.3g s", backoff)
                 else:
-                    backoff = 0.0
+                    if blocked:  # the shared limit has no token free: back off, quietly
+                        backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
+                        retry_prefill_at = anyio.current_time() + backoff
+                    else:
+                        backoff = 0.0
             now = anyio.current_time()
             due = next_due(pool)
             if keepalive_blocked_until > now:
@@ -94,6 +99,8 @@ async def run(pool: ResourcePool[Any], scope: CancelScope) -> None:
 
 def expiry_reason(pool: ResourcePool[Any], entry: Entry) -> DisposalReason:
     """Why upkeep takes out an expired idle entry."""
+    if _shared.is_lost(pool, entry):
+        return "limit_lost"
     return "lifetime" if entry.retire_at <= anyio.current_time() else "idle"
 
 
@@ -104,15 +111,21 @@ def collect_expired(pool: ResourcePool[Any]) -> list[Entry]:
     """
     now = anyio.current_time()
     doomed: list[Entry] = []
-    if pool._idle and (pool._max_idle_time is not None or pool._max_lifetime is not None):
+    if pool._idle and (
+        pool._max_idle_time is not None or pool._max_lifetime is not None or pool._shared_lost
+    ):
         keep: list[Entry] = []
         # Oldest-idle first, so the most recently used ones stay when min_idle binds.
         removable = len(pool._idle) - pool._min_idle
         for entry in pool._idle:
-            if entry.retire_at <= now or (
-                removable > 0
-                and pool._max_idle_time is not None
-                and now >= entry.idle_since + pool._max_idle_time
+            if (
+                entry.retire_at <= now
+                or _shared.is_lost(pool, entry)
+                or (
+                    removable > 0
+                    and pool._max_idle_time is not None
+                    and now >= entry.idle_since + pool._max_idle_time
+                )
             ):
                 doomed.append(entry)
                 removable -= 1
@@ -204,8 +217,11 @@ def _answers_true(hook: Callable[[Any], object]) -> Callable[[Any], Awaitable[No
     return exercised
 
 
-async def prefill(pool: ResourcePool[Any]) -> None:
+async def prefill(pool: ResourcePool[Any]) -> bool:
     """Create idle resources up to ``min_idle``, each under a capacity token.
+
+    Returns whether it stopped because the pool's shared limit had no token free (upkeep
+    then tries again after a backoff).
 
     Holding a token while creating keeps the limiter's promise that every token holder
     finds an idle resource or room to create one; releasing it after the resource is
@@ -225,9 +241,12 @@ async def prefill(pool: ResourcePool[Any]) -> None:
         try:
             limiter.acquire_on_behalf_of_nowait(borrower)
         except WouldBlock:
-            return
+            return False
         try:
-            entry = await pool._create_checked()
+            entry = await pool._create_checked(wait=False)
+        except _shared.GaveWay:  # no token of the shared limit free: try again later
+            pool._release_token(borrower)
+            return True
         except BaseException:
             pool._release_token(borrower)
             raise
@@ -240,3 +259,4 @@ async def prefill(pool: ResourcePool[Any]) -> None:
             continue
         pool._idle.append(entry)
         pool._release_token(borrower)
+    return False
