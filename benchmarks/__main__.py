@@ -18,7 +18,9 @@ import anyio
 from . import broadcast, cache, cached, pool
 from ._harness import Config, Row, format_table
 
-AREAS = ("pool", "cache", "broadcast", "redis")
+AREAS = ("pool", "cache", "broadcast", "redis", "limiter")
+#: The areas that need a Valkey/Redis server.
+SERVER_AREAS = ("redis", "limiter")
 PACKAGES = (
     "darwin-metrics",
     "anyio",
@@ -59,22 +61,26 @@ async def _async_rows(
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
-    if redis_url is not None:
+    if redis_url is not None and "redis" in areas:
         from . import redis
 
         rows += await redis.rows(config, backend, redis_url)
+    if redis_url is not None and "limiter" in areas:
+        from . import limiter
+
+        rows += await limiter.rows(config, backend, redis_url)
     return rows
 
 
 def _redis_server(areas: Sequence[str]) -> contextlib.AbstractContextManager[Any]:
-    """A server for the redis area (started as the tests start theirs), or nothing."""
-    if "redis" not in areas:
+    """A server for the redis areas (started as the tests start theirs), or nothing."""
+    if not set(SERVER_AREAS) & set(areas):
         return contextlib.nullcontext()
     from tests._redis_server import find_server_binary, redis_server
 
     binary = find_server_binary()
     if isinstance(binary, str):
-        print(f"redis: skipped ({binary})", file=sys.stderr)
+        print(f"{', '.join(SERVER_AREAS)}: skipped ({binary})", file=sys.stderr)
         return contextlib.nullcontext()
     return redis_server()
 

@@ -19,10 +19,11 @@ part and sends one report of what it saw, then exits. Modes:
   resources that exist fleet-wide in the server key ``open`` (``INCR`` on creation, ``DECR``
   on disposal) and records any count above ``total``; ``tasks`` tasks lease for
   ``duration`` seconds, pausing now and then for longer than ``max_idle_time``.
-- ``bench``: like ``fifo`` without the sleeps (``hold`` 0), for throughput; reports the grant
-  count per task.
-- ``lock``: the same work with the polling ``SET NX PX`` lock recipe instead of the limiter,
-  on ``total`` lock keys (one of them free is a permit), retrying every ``poll`` seconds.
+- ``bench``: ``tasks`` tasks acquire, hold for ``hold`` seconds, release and wait ``think``
+  seconds, over and over, for ``duration`` seconds; reports the grant count per task.
+- ``lock``: the same work with the polling ``SET NX PX`` lock recipe instead of the limiter:
+  ``total`` lock keys (holding one of them is a permit), tried in turn, then a sleep of
+  ``poll`` seconds before trying again; given back by a compare-and-delete script.
 """
 
 from __future__ import annotations
@@ -237,12 +238,17 @@ async def pool(options: dict[str, Any], limiter: SharedCapacityLimiter, client: 
 
 async def bench(options: dict[str, Any], limiter: SharedCapacityLimiter, client: Any) -> None:
     counts = [0] * options["tasks"]
+    hold, think = options["hold"], options["think"]
     deadline = 0.0
 
     async def task(n: int) -> None:
         while time.monotonic() < deadline:
             async with limiter:
                 counts[n] += 1
+                if hold:
+                    await anyio.sleep(hold)
+            if think:
+                await anyio.sleep(think)
 
     deadline = time.monotonic() + options["duration"]
     async with anyio.create_task_group() as group:
@@ -255,23 +261,27 @@ async def lock(options: dict[str, Any], client: Any) -> None:
     """The polling recipe: try each of ``total`` lock keys with SET NX PX, sleep, retry."""
     counts = [0] * options["tasks"]
     keys = [f"{options['name']}:lock:{n}" for n in range(options["total"])]
-    poll = options["poll"]
+    from coredis.tokens import PureToken
+
+    poll, hold, think = options["poll"], options["hold"], options["think"]
     px = round(options["lease"] * 1000)
     deadline = 0.0
+    release = await client.script_load(
+        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+        "return redis.call('DEL', KEYS[1]) end return 0"
+    )
 
     async def task(n: int) -> None:
         token = os.urandom(8).hex()
         while time.monotonic() < deadline:
             for key in keys:
-                if await client.set(key, token, condition="NX", px=px):
+                if await client.set(key, token, condition=PureToken.NX, px=px):
                     counts[n] += 1
-                    # Release if still ours (the recipe's compare-and-delete).
-                    await client.eval(
-                        "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-                        "return redis.call('DEL', KEYS[1]) end return 0",
-                        keys=[key],
-                        args=[token],
-                    )
+                    if hold:
+                        await anyio.sleep(hold)
+                    await client.evalsha(release, keys=[key], args=[token])
+                    if think:
+                        await anyio.sleep(think)
                     break
             else:
                 await anyio.sleep(poll)

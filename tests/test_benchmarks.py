@@ -43,7 +43,7 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     rows = data["rows"]
     # The redis area needs a server binary (the tests' own); CI requires one.
     redis = not isinstance(find_server_binary(), str) or os.environ.get(REQUIRE_ENV) == "1"
-    areas = {"pool", "cache", "broadcast"} | ({"redis"} if redis else set())
+    areas = {"pool", "cache", "broadcast"} | ({"redis", "limiter"} if redis else set())
     assert {row["area"] for row in rows} == areas
     assert {row["backend"] for row in rows} >= {"asyncio", "trio"}
     for row in rows:
@@ -83,6 +83,8 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
             "invalidation delay, write ack -> peer L1 drop, p99",
         ):
             assert expected in names
+        assert "uncontended acquire+release vs one raw EVALSHA" in names
+        assert any(name.startswith("contended:") and "fairness" in name for name in names)
         race = [row for row in rows if row["name"].startswith("race,")]
         assert {row["backend"] for row in race} == {"asyncio", "trio"}
         assert all(row["ours"] == 0 for row in race), race  # no stale key, ever

@@ -482,7 +482,7 @@ class SharedCapacityLimiter:
     @property
     def borrowed_tokens(self) -> int:
         """Permits this limiter holds now."""
-        return sum(1 for permit in self._by_member.values() if permit._state is _State.HELD)
+        return sum(1 for permit in tuple(self._by_member.values()) if permit._state is _State.HELD)
 
     @property
     def available_tokens(self) -> int:
@@ -490,8 +490,11 @@ class SharedCapacityLimiter:
         return max(0, self._fleet_total - self._fleet_borrowed)
 
     def statistics(self) -> SharedCapacityLimiterStatistics:
-        """Return a snapshot of the limiter; see :class:`SharedCapacityLimiterStatistics`."""
-        held = [p for p in self._by_member.values() if p._state is _State.HELD]
+        """Return a snapshot of the limiter; see :class:`SharedCapacityLimiterStatistics`.
+
+        Not a checkpoint; it may be called from any thread.
+        """
+        held = [p for p in tuple(self._by_member.values()) if p._state is _State.HELD]
         link = self._link
         return SharedCapacityLimiterStatistics(
             name=self._name,
@@ -834,9 +837,11 @@ class SharedCapacityLimiter:
                     continue
                 permit.ticket = ticket
                 permit.waited = True
-                if permit._state is _State.REQUESTED:  # not granted before the reply came
+                # The server set the member's deadline after ``sent``: a lower bound for it,
+                # whether it waits or was granted (by a message that came before this reply).
+                permit.renewed_at = sent
+                if permit._state is _State.REQUESTED:
                     permit._state = _State.WAITING
-                    permit.renewed_at = sent
                     self._hint(reply)
                 if await self._wait(permit):
                     return permit
@@ -1181,6 +1186,7 @@ class SharedCapacityLimiter:
         self._fleet_borrowed = int(held)
         permit = self._by_member.get(member)
         if permit is not None and permit._state in (_State.REQUESTED, _State.WAITING):
+            permit.waited = True  # only the queue is served by a message
             self._grant(permit, int(fence))
 
     def _on_up(self) -> None:
