@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import darwin_metrics
-from darwin_metrics.redis import RedisCache
+from darwin_metrics.redis import RedisCache, SharedCapacityLimiter, SharedPermit
 from darwin_metrics.resource import Cache, ResourceManager, ResourcePool, Subscription
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,15 @@ def public_methods(cls: type) -> list[str]:
 
 @pytest.mark.parametrize(
     "cls",
-    [ResourcePool, Cache, ResourceManager, Subscription, RedisCache],
+    [
+        ResourcePool,
+        Cache,
+        ResourceManager,
+        Subscription,
+        RedisCache,
+        SharedCapacityLimiter,
+        SharedPermit,
+    ],
     ids=lambda cls: cls.__name__,
 )
 def test_the_cancellation_page_covers_every_method(cls: type) -> None:

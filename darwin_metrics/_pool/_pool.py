@@ -172,18 +172,20 @@ class ResourcePool(Generic[T]):
         hook_timeout: Seconds an async ``reset`` or ``dispose`` may take (default 10). One
             that takes longer is abandoned (cancelled) with an error logged; its resource
             leaves the pool and the caller goes on. ``None`` waits for ever.
-        shared_limit: A limit that this pool shares with other pools and processes, such as
-            a :class:`~darwin_metrics.redis.SharedCapacityLimiter` (needs ``factory``). The
-            pool takes one of its tokens before it creates a resource, and gives it back once
-            the resource is disposed: idle resources keep theirs (a database counts idle
-            connections too), so set ``max_idle_time`` to give tokens back when the pool is
-            quiet. Waiting for a token is part of the acquisition (bounded by its ``timeout``,
-            ended by its cancellation), and gives way to a resource of this pool that comes
-            back meanwhile; a creation that fails or is cancelled gives its token back at
-            once. Prefill (``min_idle``) takes only tokens that are free at once. A resource
-            whose token was lost (the limiter could not renew it in time) is disposed at its
-            next checkout or return, or by upkeep if idle (reason ``limit_lost``). Use the
-            pool inside the limiter's ``async with limiter.running():`` block.
+        shared_limit: A limit that this pool shares with other pools and processes, such as a
+            :class:`~darwin_metrics.redis.SharedCapacityLimiter` (needs ``factory``). The pool
+            takes one of its tokens before it creates a resource, and gives it back once the
+            resource is disposed: idle resources keep theirs (a database counts idle connections
+            too), so tokens move between processes only as resources are disposed: set
+            ``max_idle_time`` (a quiet pool gives its tokens back) and, under sustained load,
+            ``max_lifetime`` (replacements queue for tokens in FIFO order with everyone else's).
+            Waiting for a token is part of the acquisition (bounded by its ``timeout``, ended by
+            its cancellation), and gives way to a resource of this pool that comes back meanwhile;
+            a creation that fails or is cancelled gives its token back at once. Prefill
+            (``min_idle``) takes only tokens that are free at once. A resource whose token was lost
+            (the limiter could not renew it in time) is disposed at its next checkout or return, or
+            by upkeep if idle (reason ``limit_lost``). Use the pool inside the limiter's ``async
+            with limiter.running():`` block.
 
     Hooks may be sync or async callables. Prefill, idle reaping, retirement of idle resources
     and leak warnings while a lease is held run in the upkeep task of ``async with pool:``.

@@ -158,16 +158,16 @@ class SharedPermit:
         "_error",
         "_limiter",
         "_lost",
+        "_member",
         "_parker",
+        "_renewed_at",
         "_requeue",
         "_scope",
         "_state",
+        "_waited",
         "borrower",
         "fencing_token",
-        "member",
-        "renewed_at",
         "ticket",
-        "waited",
     )
 
     def __init__(self, limiter: SharedCapacityLimiter, borrower: object) -> None:
@@ -181,9 +181,9 @@ class SharedPermit:
         #: token older than one it has seen, so that a holder that lost its permit cannot
         #: act on it any more.
         self.fencing_token = 0
-        self.member = b""
-        self.renewed_at = 0.0
-        self.waited = False
+        self._member = b""
+        self._renewed_at = 0.0
+        self._waited = False
         self._state = _State.REQUESTED
         self._parker: Parker | None = None
         self._requeue = False
@@ -528,7 +528,7 @@ class SharedCapacityLimiter:
 
     # -- running --------------------------------------------------------------------------------
 
-    def running(self) -> _Running:
+    def running(self) -> contextlib.AbstractAsyncContextManager[SharedCapacityLimiter]:
         """``async with limiter.running():`` connects and runs the limiter for the block.
 
         Entering connects (its own connection, see the class), loads the scripts,
@@ -543,9 +543,10 @@ class SharedCapacityLimiter:
         back, then stops the background work. Once it started, the limiter is stopped: its
         methods raise :exc:`RuntimeError`, and releases do nothing. A limiter runs once.
 
-        Raises (on entry):
-            RedisUnavailableError: The server could not be reached or refused the connection.
-            RuntimeError: The limiter ran before, or runs now.
+        Raises:
+            RedisUnavailableError: On entry: the server could not be reached or refused the
+                connection.
+            RuntimeError: On entry: the limiter ran before, or runs now.
         """
         return _Running(self)
 
@@ -664,7 +665,7 @@ class SharedCapacityLimiter:
         state = permit._state
         permit._state = _State.RELEASED
         permit._callbacks.clear()
-        self._by_member.pop(permit.member, None)
+        self._by_member.pop(permit._member, None)
         permit._error = RuntimeError(f"{self!r} stopped while this task waited for a permit")
         if state is _State.HELD:
             self._released += 1
@@ -673,7 +674,7 @@ class SharedCapacityLimiter:
         elif state in (_State.REQUESTED, _State.WAITING) and permit._parker is not None:
             permit._parker.wake()
         if state in (_State.REQUESTED, _State.WAITING, _State.HELD):
-            return [permit.member]
+            return [permit._member]
         return []
 
     async def _flush(self) -> None:
@@ -812,7 +813,7 @@ class SharedCapacityLimiter:
         mode = b"wait" if wait else b"try"
         try:
             while True:
-                member = permit.member = f"{self._owner}:{next(self._sequence)}".encode()
+                member = permit._member = f"{self._owner}:{next(self._sequence)}".encode()
                 permit._state = _State.REQUESTED
                 permit._requeue = False
                 self._by_member[member] = permit
@@ -826,7 +827,7 @@ class SharedCapacityLimiter:
                 code, ticket, fence = reply[0], reply[1], reply[2]
                 if code == 1:
                     permit.ticket = ticket
-                    permit.renewed_at = sent
+                    permit._renewed_at = sent
                     self._grant(permit, fence)
                     return permit
                 if code == -1:  # try: not free
@@ -836,10 +837,10 @@ class SharedCapacityLimiter:
                     self._by_member.pop(member, None)
                     continue
                 permit.ticket = ticket
-                permit.waited = True
+                permit._waited = True
                 # The server set the member's deadline after ``sent``: a lower bound for it,
                 # whether it waits or was granted (by a message that came before this reply).
-                permit.renewed_at = sent
+                permit._renewed_at = sent
                 if permit._state is _State.REQUESTED:
                     permit._state = _State.WAITING
                     self._hint(reply)
@@ -875,7 +876,7 @@ class SharedCapacityLimiter:
         permit.fencing_token = fence
         permit._state = _State.HELD
         self._acquired += 1
-        if permit.waited:
+        if permit._waited:
             self._acquired_after_wait += 1
         parker = permit._parker
         if parker is not None:
@@ -891,16 +892,16 @@ class SharedCapacityLimiter:
             del self._by_borrower[permit.borrower]
         state = permit._state
         permit._state = _State.RELEASED
-        self._by_member.pop(permit.member, None)
+        self._by_member.pop(permit._member, None)
         if state in (_State.REQUESTED, _State.WAITING, _State.HELD):
             self._cancelled += 1
-            if self._run is _Run.RUNNING and permit.member and not permit._requeue:
-                self._send_release([permit.member])
+            if self._run is _Run.RUNNING and permit._member and not permit._requeue:
+                self._send_release([permit._member])
 
     def _forget(self, permit: SharedPermit) -> None:
         """A ``try`` acquisition got nothing: nothing to give back."""
         permit._state = _State.RELEASED
-        self._by_member.pop(permit.member, None)
+        self._by_member.pop(permit._member, None)
         if self._by_borrower.get(permit.borrower) is permit:
             del self._by_borrower[permit.borrower]
 
@@ -949,10 +950,10 @@ class SharedCapacityLimiter:
         if self._by_borrower.get(permit.borrower) is permit:
             del self._by_borrower[permit.borrower]
         if state is _State.HELD:
-            self._by_member.pop(permit.member, None)
+            self._by_member.pop(permit._member, None)
             self._released += 1
             if self._run is _Run.RUNNING:
-                self._send_release([permit.member])
+                self._send_release([permit._member])
 
     def _send_release(self, members: list[bytes]) -> None:
         """Queue ``RELEASE`` for ``members`` now (sync); the confirmer checks the reply."""
@@ -1077,7 +1078,7 @@ class SharedCapacityLimiter:
         if link is not None and not link.up:
             # Unreachable: wake when the first lease here runs out (and when reconnected).
             due = min(
-                (p.renewed_at + self._lease for p in self._by_member.values()
+                (p._renewed_at + self._lease for p in self._by_member.values()
                  if p._state in (_State.WAITING, _State.HELD)),
                 default=math.inf,
             )  # fmt: skip
@@ -1105,11 +1106,11 @@ class SharedCapacityLimiter:
                 if permit is None:
                     continue  # given back meanwhile
                 if state > 0:
-                    permit.renewed_at = sent
+                    permit._renewed_at = sent
                     if permit._state is _State.WAITING:
                         self._grant(permit, state)
                 elif state == 0:
-                    permit.renewed_at = sent
+                    permit._renewed_at = sent
                 elif permit._state is _State.HELD:
                     self._lose(permit)
                 elif permit._state is _State.WAITING:
@@ -1126,7 +1127,7 @@ class SharedCapacityLimiter:
         assert link is not None
         for member, permit in list(self._by_member.items()):
             if permit._state in (_State.WAITING, _State.HELD) and (
-                now >= permit.renewed_at + self._lease
+                now >= permit._renewed_at + self._lease
             ):
                 if permit._state is _State.HELD:
                     self._lose(permit)
@@ -1141,7 +1142,7 @@ class SharedCapacityLimiter:
     def _lose(self, permit: SharedPermit) -> None:
         permit._state = _State.LOST
         permit._lost = True
-        self._by_member.pop(permit.member, None)
+        self._by_member.pop(permit._member, None)
         self._lost += 1
         _logger.warning(
             "%r: a permit (ticket %d, fencing token %d, held by %r) was lost: its lease ran "
@@ -1186,7 +1187,7 @@ class SharedCapacityLimiter:
         self._fleet_borrowed = int(held)
         permit = self._by_member.get(member)
         if permit is not None and permit._state in (_State.REQUESTED, _State.WAITING):
-            permit.waited = True  # only the queue is served by a message
+            permit._waited = True  # only the queue is served by a message
             self._grant(permit, int(fence))
 
     def _on_up(self) -> None:
