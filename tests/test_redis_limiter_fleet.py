@@ -52,6 +52,7 @@ def assert_nothing_held(server: RedisServer, name: str) -> None:
     assert server.command("HLEN", key(name, "fences")) == 0
 
 
+@pytest.mark.stress
 @BACKENDS
 def test_storm_of_eight_processes_one_killed(
     backend: str, redis_url: str, redis_session_server: RedisServer, fleet: Fleet
@@ -97,7 +98,9 @@ def test_storm_of_eight_processes_one_killed(
         time.sleep(0.005)
     returned = time.monotonic() - killed
     assert victims() == 0
-    assert returned <= lease + 0.3, f"the dead process's permits came back after {returned} s"
+    # Its deadlines were at most one lease after its death (it renewed every lease / 3), and
+    # the processes waiting reaped them right then; the margin is for a loaded machine.
+    assert returned <= lease + 0.5, f"the dead process's permits came back after {returned} s"
 
     reports = [worker.report() for worker in stormers]
     assert sum(report["violations"] for report in reports) == 0, reports
