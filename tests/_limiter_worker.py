@@ -260,6 +260,7 @@ async def bench(options: dict[str, Any], limiter: SharedCapacityLimiter, client:
 async def lock(options: dict[str, Any], client: Any) -> None:
     """The polling recipe: try each of ``total`` lock keys with SET NX PX, sleep, retry."""
     counts = [0] * options["tasks"]
+    attempts = 0
     keys = [f"{options['name']}:lock:{n}" for n in range(options["total"])]
     from coredis.tokens import PureToken
 
@@ -272,9 +273,11 @@ async def lock(options: dict[str, Any], client: Any) -> None:
     )
 
     async def task(n: int) -> None:
+        nonlocal attempts
         token = os.urandom(8).hex()
         while time.monotonic() < deadline:
             for key in keys:
+                attempts += 1
                 if await client.set(key, token, condition=PureToken.NX, px=px):
                     counts[n] += 1
                     if hold:
@@ -290,7 +293,7 @@ async def lock(options: dict[str, Any], client: Any) -> None:
     async with anyio.create_task_group() as group:
         for n in range(options["tasks"]):
             group.start_soon(task, n)
-    _say({"counts": counts})
+    _say({"counts": counts, "attempts": attempts})
 
 
 async def main(mode: str, options: dict[str, Any]) -> None:
