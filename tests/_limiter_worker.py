@@ -28,6 +28,7 @@ part and sends one report of what it saw, then exits. Modes:
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -131,9 +132,7 @@ async def storm(options: dict[str, Any], limiter: SharedCapacityLimiter, client:
                         await hold()
             except TimeoutError:
                 seen["timeouts"] += 1
-        elif action < 0.85 and native:
-            import asyncio
-
+        elif action < 0.85 and native and hasattr(asyncio, "timeout"):  # 3.11+
             try:
                 async with asyncio.timeout(rng.uniform(0, 0.006)):
                     async with limiter:

@@ -518,16 +518,30 @@ class TestLeases:
         a = limiter(redis_server.url, total=1, lease=0.6)
         async with a.running():
             permit = await a.acquire()
-            with anyio.CancelScope() as scope:
-                permit.on_lost(scope.cancel)
-                redis_server.pause()  # the process can no longer reach the server
+            failed: list[BaseException] = []
+
+            async def wait() -> None:
                 try:
-                    await anyio.sleep(5)
-                finally:
-                    redis_server.resume()
+                    await a.acquire_on_behalf_of("waiter")
+                except RedisUnavailableError as exc:
+                    failed.append(exc)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                with anyio.CancelScope() as scope:
+                    permit.on_lost(scope.cancel)
+                    redis_server.pause()  # the process can no longer reach the server
+                    try:
+                        await anyio.sleep(5)
+                    finally:
+                        redis_server.resume()
             assert scope.cancelled_caught
             assert permit.lost
             assert a.statistics().lost == 1
+            # The waiter's place lapsed with its lease too: it was told so.
+            assert "whole lease" in str(failed[0])
+            assert a.statistics().tasks_waiting == 0
             a.release()  # takes the lost permit back here; frees nothing on the server
             # The connection is replaced, and the limiter works again.
             await wait_for(lambda: a.statistics().connected, timeout=5)
