@@ -27,7 +27,12 @@ if TYPE_CHECKING:
     )
     from prometheus_client.registry import CollectorRegistry
 
-__all__ = ["Conventions", "DarwinCollector", "register"]
+__all__ = [
+    "Conventions",
+    "DarwinCollector",
+    "import_prometheus_client",
+    "register",
+]
 
 Conventions = Literal["darwin", "db"]
 """The names of the pool series: ``"darwin"`` (``darwin_pool_*``) or ``"db"``
