@@ -336,16 +336,16 @@ class MetricsServer:
     async def _read_head(self, stream: SocketStream) -> bytes | None:
         """The request's line and headers, or ``None`` if the client sent none."""
         data = b""
-        while b"\r\n\r\n" not in data:
-            if len(data) > _MAX_HEAD:
-                await stream.send(_text(431, "request head too large"))
-                return None
-            try:
-                chunk = await stream.receive(65536)
-            except anyio.EndOfStream:
-                return None
-            data += chunk
-        return data.partition(b"\r\n\r\n")[0]
+        try:
+            while b"\r\n\r\n" not in data and len(data) <= _MAX_HEAD:
+                data += await stream.receive(65536)
+        except anyio.EndOfStream:
+            return None
+        head = data.partition(b"\r\n\r\n")[0]
+        if len(head) > _MAX_HEAD:
+            await stream.send(_text(431, "request head too large"))
+            return None
+        return head
 
     def _respond(self, head: bytes) -> bytes:
         """The whole response to a request whose line and headers are ``head``."""
