@@ -184,7 +184,7 @@ class DarwinInstruments(Sources):
     ``darwin.subscriptions``.
     """
 
-    __slots__ = ("__weakref__", "_histograms", "_lock", "_meter")
+    __slots__ = ("__weakref__", "_histograms", "_meter")
 
     def __init__(
         self,
@@ -198,22 +198,33 @@ class DarwinInstruments(Sources):
         if not isinstance(meter, metrics.Meter):
             raise TypeError(f"meter must be an OpenTelemetry Meter, got {type(meter).__name__}")
         super().__init__(pools=pools, caches=caches, managers=managers)
-        with _by_meter_lock:
+        # Weakly: the meter's instruments hold this object's callbacks, and the registry of
+        # meters holds this object; a strong reference back would keep the meter for ever.
+        self._meter: weakref.ref[Meter] = weakref.ref(meter)
+        with _by_meter_lock:  # held while the instruments are made: one set per meter
             if meter in _by_meter:
                 raise ValueError(
                     "this meter already has darwin-metrics instruments: get them with "
                     "instrument(meter) and add the sources to them"
                 )
+            self._make_instruments(meter)
+            # Histograms without a recording export nothing: made now, they need no meter
+            # later.
+            self._histograms: dict[TimingKind, Histogram] = {
+                kind: meter.create_histogram(
+                    name,
+                    unit="s",
+                    description=description,
+                    explicit_bucket_boundaries_advisory=DEFAULT_BUCKETS,
+                )
+                for kind, name, description in _TIMINGS
+            }
             _by_meter[meter] = self
-        self._meter: Meter = meter
-        self._lock = threading.Lock()
-        self._histograms: dict[TimingKind, Histogram] | None = None
-        self._make_instruments(meter)
 
     @property
-    def meter(self) -> Meter:
-        """The meter the instruments belong to."""
-        return self._meter
+    def meter(self) -> Meter | None:
+        """The meter the instruments belong to (``None`` once nothing else refers to it)."""
+        return self._meter()
 
     # ------------------------------------------------------------------ observable ones
 
@@ -404,7 +415,7 @@ class DarwinInstruments(Sources):
             )
         if not pool_name:
             raise ValueError("pool_name must not be empty")
-        histograms = self._timing_histograms()
+        histograms = self._histograms
         attributes = {POOL_NAME: pool_name}
         # One bound method per kind, looked up by kind: the listener is on the pool's hot path.
         records = {kind: histogram.record for kind, histogram in histograms.items()}
@@ -415,23 +426,9 @@ class DarwinInstruments(Sources):
         on_timing.__qualname__ = f"timing_listener({pool_name!r})"
         return on_timing
 
-    def _timing_histograms(self) -> dict[TimingKind, Histogram]:
-        with self._lock:
-            if self._histograms is None:
-                self._histograms = {
-                    kind: self._meter.create_histogram(
-                        name,
-                        unit="s",
-                        description=description,
-                        explicit_bucket_boundaries_advisory=DEFAULT_BUCKETS,
-                    )
-                    for kind, name, description in _TIMINGS
-                }
-            return self._histograms
-
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} of {self._meter!r}: {len(self._pools)} pools, "
+            f"<{type(self).__name__} of {self._meter()!r}: {len(self._pools)} pools, "
             f"{len(self._caches)} caches, {len(self._managers)} managers>"
         )
 
