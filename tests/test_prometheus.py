@@ -315,7 +315,9 @@ class TestManagers:
         await manager.track_resource_usage("disk:/mnt", 40)
         assert values(scrape(collector)["darwin_resource_samples"])
         assert manager.forget("disk:/mnt")
-        assert values(scrape(collector)["darwin_resource_samples"]) == {}
+        families = scrape(collector)
+        assert "darwin_resource_samples" not in families  # no sample: no family
+        assert value(families["darwin_subscriptions"], manager="app") == 0
 
 
 class TestCollector:

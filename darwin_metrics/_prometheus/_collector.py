@@ -446,15 +446,20 @@ class DarwinCollector(Sources):
         """Yield the metric families, built from a snapshot of every source taken now.
 
         prometheus_client calls it at each scrape, in whatever thread serves the scrape.
-        The families of a kind of source that has none are left out.
+        Families without a sample (a manager that tracked nothing yet has no
+        ``darwin_resource_*`` series, an unbounded cache no ``cache_max_size``) are left out.
         """
         pools, caches, managers = self._pools, self._caches, self._managers
+        families: list[Metric] = []
         if pools:
-            yield from self._collect_pools(pools)
+            families += self._collect_pools(pools)
         if caches:
-            yield from self._collect_caches(caches)
+            families += self._collect_caches(caches)
         if managers:
-            yield from self._collect_managers(managers)
+            families += self._collect_managers(managers)
+        for family in families:
+            if family.samples:
+                yield family
 
     def _collect_pools(self, pools: Mapping[str, ResourcePool[Any]]) -> list[Metric]:
         specs = self._pool_specs
@@ -533,10 +538,7 @@ class DarwinCollector(Sources):
             #                    <loads that returned>, stats.load_failures, stats.load_time)
             # with loads = _counter(_CACHE["loads"]) and load_time =
             # _histogram(_CACHE["load_time"]) made above the loop and added to the families.
-        families: list[Metric] = [gets, puts, evictions, size]
-        if max_size.samples:
-            families.append(max_size)
-        return families
+        return [gets, puts, evictions, size, max_size]
 
     def _collect_managers(self, managers: Mapping[str, ResourceManager]) -> list[Metric]:
         current = _gauge(_USAGE["current"])

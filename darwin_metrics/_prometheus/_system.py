@@ -72,8 +72,8 @@ class SystemReading:
     """The fraction of CPU time spent busy since the previous reading (``None`` the first
     time: a reading right after the first covers almost no time)."""
     memory: tuple[tuple[str, int], ...]
-    """``(state, bytes)``: ``used``, ``free``, and ``buffered`` and ``cached`` where the
-    platform reports them."""
+    """``(state, bytes)``: ``used`` and ``free``, and where the platform reports them
+    ``buffered`` and ``cached`` (then ``used`` is the rest, and the four add up to the total)."""
     memory_total: int
     paging: tuple[tuple[str, int], ...]
     """``(state, bytes)`` of swap: ``used`` and ``free``."""
@@ -128,17 +128,26 @@ class SystemSampler:
             cpu = cpu_busy_percent(self._cpu_times, now) / 100.0
         self._cpu_times, self._primed = now, True
         memory = psutil.virtual_memory()
-        states = [("used", int(memory.used)), ("free", int(memory.free))]
-        for state, field in (("buffered", "buffers"), ("cached", "cached")):
-            value = getattr(memory, field, None)
-            if value is not None:
-                states.append((state, int(value)))
+        total, free = int(memory.total), int(memory.free)
+        buffers, cached = getattr(memory, "buffers", None), getattr(memory, "cached", None)
+        if buffers is not None and cached is not None:
+            # As OpenTelemetry's host metrics count them: the states add up to the total
+            # (psutil's own "used" is total - available, which overlaps cached).
+            used = max(total - free - int(buffers) - int(cached), 0)
+            states = [
+                ("used", used),
+                ("free", free),
+                ("buffered", int(buffers)),
+                ("cached", int(cached)),
+            ]
+        else:
+            states = [("used", int(memory.used)), ("free", free)]
         swap = psutil.swap_memory()
         filesystems = await anyio.to_thread.run_sync(read_filesystems, abandon_on_cancel=True)
         return SystemReading(
             cpu=cpu,
             memory=tuple(states),
-            memory_total=int(memory.total),
+            memory_total=total,
             paging=(("used", int(swap.used)), ("free", int(swap.free))),
             paging_total=int(swap.total),
             filesystems=filesystems,
