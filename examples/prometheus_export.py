@@ -89,8 +89,8 @@ async def main(linger: float) -> None:
             await anyio.sleep(0.02)  # an expensive answer
             return question * question
 
-        async def worker(seed: int) -> None:
-            rng = random.Random(seed)
+        async def worker(number: int) -> None:
+            rng = random.Random(number)  # the same questions and holds every run
             for _ in range(ROUNDS):
                 async with pool.lease():  # four connections for eight workers: some wait
                     await anyio.sleep(rng.uniform(0.02, 0.08))
@@ -98,8 +98,8 @@ async def main(linger: float) -> None:
                 await answers.get_or_load(question, functools.partial(compute, question))
 
         async with anyio.create_task_group() as workers:
-            for seed in range(WORKERS):
-                workers.start_soon(worker, seed)
+            for number in range(WORKERS):
+                workers.start_soon(worker, number)
             await anyio.sleep(0.15)
             show("a scrape while the workers run", await scrape(host, port))
         await anyio.sleep(0.05)  # the pool watcher records the last change

@@ -216,7 +216,7 @@ class TestSubprocess:
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_json_lines_and_a_scrape(self, backend: str) -> None:
         process, port = _start(
-            "--json", "--interval", "0.2", "--duration", "2.5", "--backend", backend
+            "--json", "--interval", "0.2", "--duration", "1.5", "--backend", backend
         )
         try:
             families = _scrape_until(port, "system_cpu_utilization_ratio")
@@ -244,7 +244,7 @@ class TestSubprocess:
         assert refused(port)
 
     def test_with_the_live_view(self) -> None:
-        process, port = _start("--live", "--interval", "0.2", "--duration", "1.5")
+        process, port = _start("--live", "--interval", "0.2", "--duration", "1")
         try:
             families = _scrape_until(port, "darwin_resource_utilization_ratio")
             out, err = process.communicate(timeout=30)

@@ -132,6 +132,7 @@ class TestBadRequests:
             (b"nonsense\r\n\r\n", 400),
             (b"GET /metrics SPDY/3\r\n\r\n", 400),
             (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+            (b"GET //[::1/metrics HTTP/1.1\r\n\r\n", 400),
             (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"x" * 20000 + b"\r\n\r\n", 431),
         ],
     )

@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from ._collector import import_prometheus_client
@@ -329,6 +330,8 @@ class MetricsServer:
                     await stream.send(self._respond(request))
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream):
             pass  # the client went away
+        except Exception:  # a bug here must not stop the server: log it, drop the connection
+            logger.exception("metrics server: answering a request failed")
         finally:
             connections.release()
             await anyio.aclose_forcefully(stream)
@@ -363,10 +366,14 @@ class MetricsServer:
         head_only = method == "HEAD"
         if method not in ("GET", "HEAD"):
             return _text(405, "only GET and HEAD", extra="Allow: GET, HEAD\r\n")
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+            query = parse_qs(url.query)
+        except ValueError:  # such as an unclosed "[" in the target
+            return _text(400, "bad request target", head=head_only)
         if url.path != "/metrics":
             return _text(404, "not found: the metrics are at /metrics", head=head_only)
-        return self._metrics(headers.get("accept", ""), parse_qs(url.query), head_only)
+        return self._metrics(headers.get("accept", ""), query, head_only)
 
     def _metrics(self, accept: str, query: dict[str, list[str]], head: bool) -> bytes:
         from prometheus_client.exposition import choose_encoder
@@ -390,8 +397,12 @@ class MetricsServer:
     async def aclose(self) -> None:
         """Stop listening. A running :meth:`serve` goes on until it is cancelled.
 
-        Checkpoint: yes; every listener is closed even if it is cancelled.
+        Checkpoint: yes; every listener is closed even if it is cancelled. Closing again does
+        nothing more.
         """
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
         self._closed = True
         failure: BaseException | None = None
         for listener in self._listeners:
