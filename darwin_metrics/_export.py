@@ -57,10 +57,10 @@ def cache_evictions(stats: CacheStatistics) -> tuple[tuple[str, int], ...]:
     return (("size", stats.evictions), ("expired", stats.expirations))
 
 
-def _check_name(kind: str, name: object) -> str:
+def _check_name(kind: str, name: object, *, empty: bool = False) -> str:
     if not isinstance(name, str):
         raise TypeError(f"a {kind}'s name must be a str, got {type(name).__name__} {name!r}")
-    if not name:
+    if not name and not empty:
         raise ValueError(f"a {kind}'s name must not be empty")
     return name
 
@@ -145,20 +145,32 @@ class Sources:
         self._managers = self._added("manager", self._managers, name, manager, ResourceManager)
 
     def remove_pool(self, name: str) -> bool:
-        """Stop exporting the pool named ``name``; return whether there was one."""
-        present = name in self._pools
+        """Stop exporting the pool named ``name``; return whether there was one.
+
+        Raises:
+            TypeError: ``name`` is not a str.
+        """
+        present = _check_name("pool", name, empty=True) in self._pools
         self._pools = {key: value for key, value in self._pools.items() if key != name}
         return present
 
     def remove_cache(self, name: str) -> bool:
-        """Stop exporting the cache named ``name``; return whether there was one."""
-        present = name in self._caches
+        """Stop exporting the cache named ``name``; return whether there was one.
+
+        Raises:
+            TypeError: ``name`` is not a str.
+        """
+        present = _check_name("cache", name, empty=True) in self._caches
         self._caches = {key: value for key, value in self._caches.items() if key != name}
         return present
 
     def remove_manager(self, name: str) -> bool:
-        """Stop exporting the manager named ``name``; return whether there was one."""
-        present = name in self._managers
+        """Stop exporting the manager named ``name``; return whether there was one.
+
+        Raises:
+            TypeError: ``name`` is not a str.
+        """
+        present = _check_name("manager", name, empty=True) in self._managers
         self._managers = {key: value for key, value in self._managers.items() if key != name}
         return present
 

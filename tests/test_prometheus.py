@@ -350,6 +350,9 @@ class TestCollector:
         assert value(scrape(collector)["darwin_pool_max"], pool="db") == 3
         assert collector.remove_pool("db")
         assert not collector.remove_pool("db")
+        assert not collector.remove_pool("")
+        with pytest.raises(TypeError, match="a pool's name must be a str"):
+            collector.remove_pool(None)  # type: ignore[arg-type]
         assert collector.remove_cache("db")
         assert collector.remove_manager("db")
         assert scrape(collector) == {}
