@@ -334,7 +334,11 @@ class ResourceManager:
     # ------------------------------------------------------------------ statistics
 
     def get_usage_stats(self) -> dict[str, float]:
-        """Return the peak usage of each resource type (the Rust crate's call)."""
+        """Return the peak usage of each resource type.
+
+        The call of the same name in the Rust crate darwin-metrics, whose resource module this
+        library brings to Python; :meth:`usage_statistics` has the count, last, min and mean.
+        """
         return {name: record[3] for name, record in list(self._stats.items())}
 
     def usage_statistics(self) -> dict[str, UsageStatistics]:
