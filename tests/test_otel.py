@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from _scrape import hand_buckets
 from opentelemetry.metrics import NoOpMeter
@@ -29,7 +30,7 @@ from opentelemetry.sdk.metrics.export import (
 from darwin_metrics import PoolTimeoutError
 from darwin_metrics._histogram import DEFAULT_BUCKETS
 from darwin_metrics.otel import DarwinInstruments, instrument, pool_timing_listener
-from darwin_metrics.resource import Cache, ResourceManager, ResourcePool
+from darwin_metrics.resource import Cache, PoolDisposals, ResourceManager, ResourcePool
 
 pytestmark = pytest.mark.anyio
 NAME = "db.client.connection.pool.name"
@@ -140,7 +141,7 @@ class TestPools:
         assert collected.value("darwin.pool.acquired", **db) == stats.acquired == 3
         assert collected.value("darwin.pool.waits_abandoned", **{NAME: "jobs"}) == 1
         disposed = collected.points("darwin.pool.disposed")
-        assert len(disposed) == 14  # seven reasons, two pools
+        assert len(disposed) == 2 * len(attrs.fields(PoolDisposals))  # every reason, two pools
         reason = "darwin.pool.disposal.reason"
         assert collected.value("darwin.pool.disposed", **db, **{reason: "discarded"}) == 1
         assert collected.value("darwin.pool.disposed", **db, **{reason: "closed"}) == 0

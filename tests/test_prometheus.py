@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from _scrape import buckets, hand_buckets, label_names, parse, value, values
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,7 +22,13 @@ from darwin_metrics import PoolTimeoutError
 from darwin_metrics._histogram import DEFAULT_BUCKETS
 from darwin_metrics._prometheus._collector import _add_cache_loads, _Buckets
 from darwin_metrics.prometheus import DarwinCollector, register
-from darwin_metrics.resource import Cache, Histogram, ResourceManager, ResourcePool
+from darwin_metrics.resource import (
+    Cache,
+    Histogram,
+    PoolDisposals,
+    ResourceManager,
+    ResourcePool,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -147,17 +154,11 @@ class TestPools:
             1,
         )
         disposed = values(families["darwin_pool_disposed"])
+        reasons = [field.name for field in attrs.fields(PoolDisposals)]
+        assert "discarded" in reasons
         assert disposed == {
             (("pool", "db"), ("reason", reason)): (1.0 if reason == "discarded" else 0.0)
-            for reason in (
-                "discarded",
-                "check_failed",
-                "reset_failed",
-                "idle",
-                "lifetime",
-                "shrunk",
-                "closed",
-            )
+            for reason in reasons
         }
 
         for kind, family in (
