@@ -174,8 +174,9 @@ class DarwinInstruments(Sources):
 
     Caches (attribute ``cache``, as Micrometer names them): ``cache.gets`` (attribute
     ``result``: ``hit`` or ``miss``), ``cache.puts``, ``cache.evictions`` (attribute
-    ``cause``: ``size`` or ``expired``), ``cache.size`` and ``cache.max_size`` (for a cache
-    with a ``maxsize``).
+    ``cause``: ``size`` or ``expired``), ``cache.size``, ``cache.max_size`` (for a cache
+    with a ``maxsize``) and ``cache.loads`` (attribute ``result``: ``success`` or
+    ``failure``).
 
     Managers (attribute ``darwin.manager.name``, and ``darwin.resource.type`` for each
     tracked type): ``darwin.resource.utilization`` (the latest usage as a fraction: 1 is
@@ -278,12 +279,16 @@ class DarwinInstruments(Sources):
             "The size bound (absent for a cache without one).",
             lambda s: () if s.maxsize is None else ((s.maxsize, {}),),
         )
-        # CACHE-LOADS: when CacheStatistics counts loads, one more here:
-        #   cache_instrument("cache.loads", "counter", "{load}", "Loads, by result.",
-        #       lambda s: ((<successes>, {"result": "success"}),
-        #                  (s.load_failures, {"result": "failure"})))
-        # A load-time histogram needs a listener in the cache (as on_timing is in the pool):
-        # OpenTelemetry has no observable histogram.
+        cache_instrument(
+            "cache.loads",
+            "counter",
+            "{load}",
+            "Loader calls, by result: success (returned a value) or failure (raised).",
+            lambda s: ((s.loads, {"result": "success"}), (s.load_failures, {"result": "failure"})),
+        )
+        # The cache's load-time histogram has no OpenTelemetry counterpart here: OpenTelemetry
+        # has no observable histogram, and the cache has no listener (as the pool's on_timing)
+        # to record each load as it ends.
 
         for name, unit, description, field, scale in (
             (

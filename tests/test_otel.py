@@ -246,6 +246,8 @@ class TestCaches:
         assert small.get("a") is None
         small.set("c", 3)
         assert small.get("c") == 3
+        with pytest.raises(LookupError):
+            small.get_or_set("d", lambda: {}["d"])  # a load that fails
         big: Cache[str, int] = Cache(10)
         instrument(meter, caches={"small": small, "big": big})
         stats = small.statistics()
@@ -256,17 +258,20 @@ class TestCaches:
             "cache.evictions": "counter",
             "cache.size": "updown",
             "cache.max_size": "updown",
+            "cache.loads": "counter",
         }
         for name, kind in kinds.items():
             assert collected.kind(name) == kind, name
         assert collected.value("cache.gets", cache="small", result="hit") == stats.hits == 1
-        assert collected.value("cache.gets", cache="small", result="miss") == stats.misses == 2
+        assert collected.value("cache.gets", cache="small", result="miss") == stats.misses == 3
         assert collected.value("cache.puts", cache="small") == stats.sets == 3
         assert collected.value("cache.evictions", cache="small", cause="size") == 1
         assert collected.value("cache.evictions", cache="small", cause="expired") == 1
         assert collected.value("cache.size", cache="small") == 1
         assert collected.value("cache.size", cache="big") == 0
         assert set(collected.points("cache.max_size")) == {frozenset({("cache", "small")})}
+        assert collected.value("cache.loads", cache="small", result="success") == stats.loads
+        assert collected.value("cache.loads", cache="small", result="failure") == 1
 
 
 class TestManagers:

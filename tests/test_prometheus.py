@@ -6,8 +6,8 @@ Prometheus server would read it. The HTTP server is in ``test_prometheus_server.
 
 from __future__ import annotations
 
-import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,9 @@ import attrs
 import pytest
 from _scrape import buckets, hand_buckets, label_names, parse, value, values
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import Metric
 
 from darwin_metrics import PoolTimeoutError
-from darwin_metrics._histogram import DEFAULT_BUCKETS
-from darwin_metrics._prometheus._collector import _add_cache_loads, _Buckets
 from darwin_metrics.prometheus import DarwinCollector, register
 from darwin_metrics.resource import (
     Cache,
@@ -65,6 +63,8 @@ CACHE_FAMILIES = {
     "cache_evictions": ("counter", {"cache", "cause"}),
     "cache_size": ("gauge", {"cache"}),
     "cache_max_size": ("gauge", {"cache"}),
+    "cache_load": ("counter", {"cache", "result"}),
+    "cache_load_duration_seconds": ("histogram", {"cache"}),
 }
 USAGE_FAMILIES = {
     "darwin_resource_utilization_ratio": ("gauge", {"manager", "resource_type"}),
@@ -256,32 +256,36 @@ class TestCaches:
         # Only a bounded cache has a bound.
         assert values(families["cache_max_size"]) == {(("cache", "small"),): 2.0}
 
-    def test_a_cache_loads_helper_for_when_the_cache_counts_loads(self) -> None:
-        loads = CounterMetricFamily("cache_load", "Loads.", labels=("cache", "result"))
-        load_time = HistogramMetricFamily(
-            "cache_load_duration_seconds", "Load time.", labels=("cache",), unit="seconds"
-        )
-        counts = [0] * 17
-        counts[3], counts[16] = 2, 1  # two of at most 1 ms, one over 10 s
-        histogram = Histogram(bounds=DEFAULT_BUCKETS, counts=tuple(counts), count=3, sum=12.5)
-        _add_cache_loads(loads, load_time, _Buckets(), "pages", 5, 1, histogram)
-        registry = CollectorRegistry()
+    def test_loads_and_their_durations(self) -> None:
+        now = [0.0]
+        cache: Cache[str, int] = Cache(60, clock=lambda: now[0])
 
-        class Fixed:
-            def collect(self) -> list[Metric]:
-                return [loads, load_time]
+        def load(seconds: float, fail: bool = False) -> Callable[[], int]:
+            def make() -> int:
+                now[0] += seconds  # the load takes this long on the cache's clock
+                if fail:
+                    raise LookupError("no answer")
+                return 1
 
-        registry.register(Fixed())
-        families = parse(generate_latest(registry).decode())
+            return make
+
+        cache.get_or_set("a", load(0.003))
+        cache.get_or_set("b", load(0.2))
+        with pytest.raises(LookupError):
+            cache.get_or_set("c", load(12.0, fail=True))
+        assert cache.get_or_set("a", load(5.0)) == 1  # a hit: no load
+        stats = cache.statistics()
+        assert (stats.loads, stats.load_failures) == (2, 1)
+        families = scrape(DarwinCollector(caches={"answers": cache}))
         assert values(families["cache_load"]) == {
-            (("cache", "pages"), ("result", "success")): 5.0,
-            (("cache", "pages"), ("result", "failure")): 1.0,
+            (("cache", "answers"), ("result", "success")): 2.0,
+            (("cache", "answers"), ("result", "failure")): 1.0,
         }
-        pairs = buckets(families["cache_load_duration_seconds"], cache="pages")
-        assert pairs[2] == (0.0005, 0.0)
-        assert pairs[3] == (0.001, 2.0)
-        assert pairs[-2] == (10.0, 2.0)
-        assert pairs[-1] == (math.inf, 3.0)
+        durations = families["cache_load_duration_seconds"]
+        assert buckets(durations, cache="answers") == hand_buckets([0.003, 0.2, 12.0])
+        assert value(durations, "cache_load_duration_seconds_count", cache="answers") == 3
+        total = value(durations, "cache_load_duration_seconds_sum", cache="answers")
+        assert total == pytest.approx(12.203)
 
 
 class TestManagers:

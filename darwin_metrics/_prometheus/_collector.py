@@ -255,12 +255,18 @@ _CACHE: Final[dict[str, Spec]] = {
         "The size bound (absent for a cache without one).",
         ("cache",),
     ),
-    # CACHE-LOADS: when CacheStatistics has loads, load_failures and a load-time histogram,
-    # add these two families here and fill them in _collect_caches (see _add_cache_loads):
-    #   "loads": ("counter", "cache_load", "Loads, by result: success or failure.",
-    #             ("cache", "result")),
-    #   "load_time": ("histogram", "cache_load_duration_seconds",
-    #                 "How long loads took, in seconds.", ("cache",)),
+    "loads": (
+        "counter",
+        "cache_load",
+        "Loader calls, by result: success (returned a value) or failure (raised).",
+        ("cache", "result"),
+    ),
+    "load_time": (
+        "histogram",
+        "cache_load_duration_seconds",
+        "How long each load and refresh took, in seconds, whether it returned or raised.",
+        ("cache",),
+    ),
 }
 
 _USAGE: Final[dict[str, Spec]] = {
@@ -377,8 +383,10 @@ class DarwinCollector(Sources):
     ``darwin_pool_acquired_after_wait_total`` and ``darwin_pool_waits_abandoned_total``.
 
     Caches (label ``cache``, Micrometer's names): ``cache_gets_total{result="hit"|"miss"}``,
-    ``cache_puts_total``, ``cache_evictions_total{cause="size"|"expired"}``, ``cache_size``
-    and ``cache_max_size`` (only for a cache with a ``maxsize``).
+    ``cache_puts_total``, ``cache_evictions_total{cause="size"|"expired"}``, ``cache_size``,
+    ``cache_max_size`` (only for a cache with a ``maxsize``),
+    ``cache_load_total{result="success"|"failure"}`` and the histogram
+    ``cache_load_duration_seconds``.
 
     Managers (label ``manager``, and ``resource_type`` for each tracked type):
     ``darwin_resource_utilization_ratio`` (the latest usage as a ratio: 1 is 100%),
@@ -522,6 +530,8 @@ class DarwinCollector(Sources):
         evictions = _counter(_CACHE["evictions"])
         size = _gauge(_CACHE["size"])
         max_size = _gauge(_CACHE["max_size"])
+        loads = _counter(_CACHE["loads"])
+        load_time = _histogram(_CACHE["load_time"])
         for name, cache in caches.items():
             stats = cache.statistics()
             label = [name]
@@ -533,12 +543,10 @@ class DarwinCollector(Sources):
             size.add_metric(label, stats.size)
             if stats.maxsize is not None:
                 max_size.add_metric(label, stats.maxsize)
-            # CACHE-LOADS: once CacheStatistics has them (and _CACHE the two families):
-            #   _add_cache_loads(loads, load_time, self._buckets, name,
-            #                    <loads that returned>, stats.load_failures, stats.load_time)
-            # with loads = _counter(_CACHE["loads"]) and load_time =
-            # _histogram(_CACHE["load_time"]) made above the loop and added to the families.
-        return [gets, puts, evictions, size, max_size]
+            loads.add_metric([name, "success"], stats.loads)
+            loads.add_metric([name, "failure"], stats.load_failures)
+            load_time.add_metric(label, self._buckets.pairs(stats.load_duration), stats.load_time)
+        return [gets, puts, evictions, size, max_size, loads, load_time]
 
     def _collect_managers(self, managers: Mapping[str, ResourceManager]) -> list[Metric]:
         current = _gauge(_USAGE["current"])
@@ -559,26 +567,6 @@ class DarwinCollector(Sources):
             missed.add_metric([name], manager.missed_events)
             subscriptions.add_metric([name], manager.subscriber_count)
         return [current, peak, low, mean, samples, missed, subscriptions]
-
-
-def _add_cache_loads(
-    loads: CounterMetricFamily,
-    load_time: HistogramMetricFamily,
-    buckets: _Buckets,
-    name: str,
-    successes: int,
-    failures: int,
-    histogram: Histogram,
-) -> None:
-    """Add one cache's ``cache_load_total{result}`` and ``cache_load_duration_seconds``.
-
-    CACHE-LOADS: ready for when :class:`~darwin_metrics.resource.CacheStatistics` counts
-    loads (``get_or_load`` / ``get_or_set``); :meth:`DarwinCollector._collect_caches` calls it
-    then. ``successes`` and ``failures`` are the loads that returned and those that raised.
-    """
-    loads.add_metric([name, "success"], successes)
-    loads.add_metric([name, "failure"], failures)
-    load_time.add_metric([name], buckets.pairs(histogram), histogram.sum)
 
 
 def register(
