@@ -119,7 +119,7 @@ class Sources:
         return {**current, checked: source}
 
     def add_pool(self, name: str, pool: ResourcePool[Any]) -> None:
-        """Export ``pool`` under ``name`` (its ``pool`` label).
+        """Export ``pool`` under ``name`` (the value of its pool name label or attribute).
 
         Raises:
             TypeError: ``name`` is not a str, or ``pool`` is not a ResourcePool.
@@ -128,7 +128,7 @@ class Sources:
         self._pools = self._added("pool", self._pools, name, pool, ResourcePool)
 
     def add_cache(self, name: str, cache: Cache[Any, Any]) -> None:
-        """Export ``cache`` under ``name`` (its ``cache`` label).
+        """Export ``cache`` under ``name`` (the value of its ``cache`` label or attribute).
 
         Raises:
             TypeError: ``name`` is not a str, or ``cache`` is not a Cache.
@@ -137,7 +137,7 @@ class Sources:
         self._caches = self._added("cache", self._caches, name, cache, Cache)
 
     def add_manager(self, name: str, manager: ResourceManager) -> None:
-        """Export ``manager``'s usage statistics under ``name`` (its ``manager`` label).
+        """Export ``manager``'s usage statistics under ``name`` (its manager label or attribute).
 
         Raises:
             TypeError: ``name`` is not a str, or ``manager`` is not a ResourceManager.

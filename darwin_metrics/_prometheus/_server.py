@@ -416,6 +416,7 @@ class MetricsServer:
             raise failure
 
     async def __aenter__(self) -> Self:
+        """Return the server, which is already listening (:meth:`bind` made it so)."""
         return self
 
     async def __aexit__(
@@ -424,6 +425,7 @@ class MetricsServer:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        """Close the server, as :meth:`aclose` does."""
         await self.aclose()
 
 
