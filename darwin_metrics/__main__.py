@@ -6,9 +6,10 @@ standard output is not a terminal. See ``darwin-metrics monitor --help``.
 
 Exit status: 0 when done (also when the reader of a pipe went away, as with ``| head``), 1
 when a dependency is missing or standard output cannot be written (a one-line message says
-which), 2 for a usage error (including no command and a ``--save-svg`` path that cannot be
-written), 130 after Ctrl-C (SIGINT) and 143 after SIGTERM (``timeout``, ``kill``): 128 plus the
-signal's number, as shells report a process that a signal ended.
+which), 2 for a usage error (including no command, a ``--save-svg`` path that cannot be
+written and a ``--serve`` address that cannot be listened on), 130 after Ctrl-C (SIGINT) and
+143 after SIGTERM (``timeout``, ``kill``): 128 plus the signal's number, as shells report a
+process that a signal ended.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import TextIO, cast
+from typing import Any, TextIO, cast
 
 import anyio
 import attrs
@@ -42,6 +43,7 @@ _INTERRUPTED = 128 + signal.SIGINT  # 130, as shells report it
 _SVG_WIDTH = 80
 _INSTALL_MONITOR = "pip install 'darwin-metrics[monitor]'"
 _INSTALL_SYSTEM = "pip install 'darwin-metrics[system]'"
+_INSTALL_PROMETHEUS = "pip install 'darwin-metrics[prometheus]'"
 
 
 def _seconds(text: str) -> float:
@@ -112,6 +114,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="PATH",
         help="on exit, also save the view as an SVG picture at PATH (checked at the start)",
     )
+    monitor.add_argument(
+        "--serve",
+        metavar="HOST:PORT",
+        help=(
+            "while monitoring, also serve /metrics for Prometheus at HOST:PORT ([::1]:PORT "
+            "for IPv6, :PORT for every interface, port 0 for a free one; the address is "
+            "printed on standard error): this machine's usage as OpenTelemetry's system "
+            "metrics (system_cpu_utilization_ratio, system_memory_usage_bytes, ...) and the "
+            "monitor's own darwin_resource_* series"
+        ),
+    )
     return parser, monitor
 
 
@@ -143,7 +156,18 @@ def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -
         backend=args.backend,
         json=use_json,
         save_svg=args.save_svg,
+        serve=None if args.serve is None else _serve_address(monitor, args.serve),
     )
+
+
+def _serve_address(monitor: argparse.ArgumentParser, text: str) -> tuple[str | None, int]:
+    """Parse ``--serve HOST:PORT``; if it is malformed, exit with status 2 (one line)."""
+    from ._prometheus._server import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        monitor.exit(2, f"{monitor.prog}: error: --serve: {error}\n")
 
 
 def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> MonitorOptions | str:
@@ -170,6 +194,8 @@ def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> Monitor
         return f"{_PROG} needs psutil to read this machine's usage: {_INSTALL_SYSTEM}"
     if options.save_svg is not None and not _importable("rich"):
         return f"{_PROG} --save-svg needs rich: {_INSTALL_MONITOR}"
+    if options.serve is not None and not _importable("prometheus_client"):
+        return f"{_PROG} --serve needs prometheus-client: {_INSTALL_PROMETHEUS}"
     return options
 
 
@@ -286,6 +312,30 @@ def _cannot_write(error: OSError) -> int:
     return 1
 
 
+class _CannotServe(Exception):
+    """The ``--serve`` address cannot be listened on; the message says why, in one line."""
+
+
+async def _run(options: MonitorOptions, manager: ResourceManager, **kwargs: Any) -> MonitorRun:
+    """Run the monitor, listening on the ``--serve`` address first if there is one."""
+    if options.serve is None:
+        return await run_monitor(options, manager, **kwargs)
+    from prometheus_client import CollectorRegistry
+
+    from ._prometheus._server import MetricsServer
+
+    host, port = options.serve
+    shown = f"[{host}]:{port}" if host and ":" in host else f"{host or ''}:{port}"
+    try:
+        server = await MetricsServer.bind(host, port, registry=CollectorRegistry())
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise _CannotServe(f"--serve {shown}: cannot listen there: {reason}") from None
+    async with server:
+        print(f"{_PROG}: serving metrics at {server.url}", file=sys.stderr, flush=True)
+        return await run_monitor(options, manager, metrics=server, **kwargs)
+
+
 def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
     """Run the monitor until its duration runs out or a signal; return the exit status."""
     out = GuardedOutput(sys.stdout)
@@ -301,7 +351,7 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
     try:
         run = anyio.run(
             functools.partial(
-                run_monitor,
+                _run,
                 options,
                 manager,
                 out=out,
@@ -310,6 +360,9 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
             ),
             backend=options.backend,
         )
+    except _CannotServe as error:  # before anything was shown
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
+        return 2
     except BaseException as error:
         if not _only(error, KeyboardInterrupt):  # Ctrl-C before or after the signal receiver
             raise

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
     from rich.table import Table
 
+    from ._prometheus._server import MetricsServer
+
 __all__ = [
     "GuardedOutput",
     "MonitorOptions",
@@ -73,6 +75,9 @@ class MonitorOptions:
     """Print JSON lines instead of the live view."""
     save_svg: str | None = None
     """Where to save the final view as an SVG picture, if anywhere."""
+    serve: tuple[str | None, int] | None = None
+    """``(host, port)`` to serve ``/metrics`` on while monitoring (host ``None``: every
+    interface), if anywhere."""
 
 
 @attrs.frozen
@@ -360,6 +365,7 @@ async def run_monitor(
     out: GuardedOutput,
     console: Console | None = None,
     stop_signals: Sequence[signal.Signals] = (),
+    metrics: MetricsServer | None = None,
 ) -> MonitorRun:
     """Sample this machine with ``manager`` until the duration runs out or a signal stops it.
 
@@ -370,6 +376,10 @@ async def run_monitor(
     would: the view is taken down and the run returns normally, naming the signal. The caller
     keeps ``manager``, so it can print the summary from
     :meth:`ResourceManager.usage_statistics` afterwards.
+
+    With ``metrics``, a listening server, it also serves ``/metrics`` there while it runs
+    (in its task group): this machine's usage under OpenTelemetry's system metric names and
+    the manager's series, read every interval; the server is closed when the run ends.
 
     Checkpoint: yes. If cancelled, the sampling stops and the live view is taken down.
 
@@ -395,6 +405,10 @@ async def run_monitor(
 
                 group.start_soon(stop_on_signal)
             async with manager:
+                if metrics is not None:  # serving until the group is done
+                    from ._prometheus._system import serve_monitor_metrics
+
+                    await group.start(serve_monitor_metrics, metrics, manager, options.interval)
                 with manager.subscribe(buffer_size=_BUFFER_SIZE) as subscription:
                     manager.sample_system(interval=options.interval)
                     with anyio.move_on_after(deadline):

@@ -43,7 +43,7 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     rows = data["rows"]
     # The redis area needs a server binary (the tests' own); CI requires one.
     redis = not isinstance(find_server_binary(), str) or os.environ.get(REQUIRE_ENV) == "1"
-    areas = {"pool", "cache", "broadcast"} | ({"redis"} if redis else set())
+    areas = {"pool", "cache", "broadcast", "export"} | ({"redis"} if redis else set())
     assert {row["area"] for row in rows} == areas
     assert {row["backend"] for row in rows} >= {"asyncio", "trio"}
     for row in rows:
@@ -60,6 +60,8 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
         "get hit, int keys",
         "set, str keys",
         "track_resource_usage, 100 subscribers",
+        "lease() cycle, uncontended: with histograms",
+        "recording one lease's use time",
     ):
         assert expected in names
     assert any(name.startswith("hit ratio") for name in names)
@@ -76,6 +78,9 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     assert any(name.startswith("memory per entry") for name in names)
     assert any(name.startswith("two threads") for name in names)
     assert any(name.startswith("contended") for name in names)
+    assert any(
+        name.startswith("one scrape, 10 pools + 10 caches + 100 resource types") for name in names
+    )
     if redis:
         for expected in (
             "L1 hit: tier.get_local vs Cache.get, str keys",

@@ -48,6 +48,17 @@ EXPECTED = {
         "mean=",
         "peaks, from get_usage_stats(): cpu 90.0%, memory 54.5%",
     ],
+    "prometheus_export.py": [
+        "serving metrics at http://127.0.0.1:",
+        "a scrape while the workers run (",
+        "a scrape once they are done (",
+        # Deterministic once the workers are done: 8 workers x 6 leases, all returned.
+        'darwin_pool_connections{pool="db",state="idle"} 4.0',
+        'darwin_pool_acquired_total{pool="db"} 48.0',
+        'darwin_pool_use_seconds_bucket{le="+Inf",pool="db"} 48.0',
+        'darwin_resource_utilization_peak_ratio{manager="app",resource_type="pool:db"} 1.0',
+        "the server answered 2 scrapes",
+    ],
     "system_monitor.py": [
         "cpu",
         "memory",
