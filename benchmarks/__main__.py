@@ -103,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="darwin-metrics against its anchors: ratios measured in one run.",
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds, to check it runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="as --quick, with the smallest sizes: what the test suite runs (figures mean little)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio", "all"), default="all")
     parser.add_argument("--json", metavar="PATH", help="write the rows and every sample here")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
@@ -112,13 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backends = ("asyncio", "trio") if args.backend == "all" else (args.backend,)
     areas = tuple(args.only or AREAS)
-    config = Config.make(args.quick)
+    config = Config.make(args.quick or args.smoke, smoke=args.smoke)
 
     started = time.perf_counter()
     rows = run(config, backends, areas)
     duration = time.perf_counter() - started
 
-    mode = "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     print(f"darwin-metrics benchmarks ({mode}, {duration:.0f} s)")
     print("ratio = ours / anchor, median of interleaved rounds; noise = IQR of those ratios")
     print(format_table(rows))

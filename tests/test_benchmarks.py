@@ -1,4 +1,7 @@
-"""The benchmark suite keeps working: ``python -m benchmarks --quick`` runs and reports.
+"""The benchmark suite keeps working: ``python -m benchmarks --smoke`` runs and reports.
+
+``--smoke`` is ``--quick`` with the smallest sizes, so that every row runs within the test
+suite's time; ``--quick`` and full runs share the same code.
 
 No test here asserts a speed: the figures depend on the machine.
 """
@@ -28,7 +31,7 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(report)],
+        [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(report)],
         cwd=ROOT,
         env=env,
         capture_output=True,
