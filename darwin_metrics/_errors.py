@@ -15,6 +15,7 @@ __all__ = [
     "PoolEmptyError",
     "PoolError",
     "PoolFullError",
+    "PoolOverloadedError",
     "PoolTimeoutError",
     "RedisCacheError",
     "RedisUnavailableError",
@@ -28,7 +29,8 @@ class DarwinMetricsError(Exception):
 
 
 class PoolError(DarwinMetricsError):
-    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool`."""
+    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool` and
+    :class:`~darwin_metrics.resource.KeyedResourcePool`."""
 
 
 class PoolFullError(PoolError):
@@ -49,6 +51,16 @@ class PoolEmptyError(PoolError):
 
 class PoolClosedError(PoolError, anyio.ClosedResourceError):
     """The pool was closed before, or while, the operation waited."""
+
+
+class PoolOverloadedError(PoolError):
+    """An acquisition was refused at once because too many tasks already wait.
+
+    Raised instead of waiting when the pool's ``max_waiting`` tasks are already waiting for a
+    resource, so that a service under load sheds work instead of queueing it for ever (as
+    psycopg_pool's ``max_waiting`` does). Nothing was taken and nothing changed; try again
+    later, or answer the request with an error (an HTTP 503, say).
+    """
 
 
 class PoolTimeoutError(PoolError, TimeoutError):
