@@ -125,7 +125,15 @@ class _Slot:
     eviction hands the slot's overall token to the slot being made in its place.
     """
 
-    __slots__ = ("created_at", "holds_total", "idle_since", "key", "resource", "retire_at")
+    __slots__ = (
+        "created_at",
+        "holds_total",
+        "idle_since",
+        "key",
+        "resource",
+        "retire_at",
+        "stamp",
+    )
 
     def __init__(self, key: _Key) -> None:
         self.key = key
@@ -134,6 +142,7 @@ class _Slot:
         self.idle_since = 0.0
         self.retire_at = math.inf
         self.holds_total = True
+        self.stamp = 0  # when it last became idle, in the pool's count of such events
 
     def __repr__(self) -> str:
         return f"<slot of {self.key.key!r}: {self.resource!r}>"
@@ -324,6 +333,7 @@ class KeyedResourcePool(Generic[K, T]):
         "_rejected",
         "_reset",
         "_slots",
+        "_stamp",
         "_task_group",
         "_timeout",
         "_timeouts",
@@ -397,6 +407,7 @@ class KeyedResourcePool(Generic[K, T]):
         self._keys: dict[Hashable, _Key] = {}
         # Every idle resource of every key, the longest idle first: the eviction order.
         self._lru: OrderedDict[_Slot, None] = OrderedDict()
+        self._stamp = 0  # stamps idle resources: _lru and each key's idle are in stamp order
         self._leased: dict[int, _KeyedLease[K, T]] = {}  # by id(resource)
         # Every resource the pool owns, by identity: idle, leased, or being checked or reset.
         self._owned: dict[int, _Slot] = {}
@@ -882,16 +893,39 @@ class KeyedResourcePool(Generic[K, T]):
         if reason == "evicted":
             k.evicted += 1
 
-    def _idle_put(self, entry: _Slot, oldest: bool = False) -> None:
-        """Make ``entry`` idle, and serve the waiting tasks it may help (sync)."""
+    def _idle_put(self, entry: _Slot) -> None:
+        """Make ``entry`` idle, the most recently idle, and serve the tasks it may help."""
         k = entry.key
-        if oldest:  # back where it was: the longest idle
-            k.idle.insert(0, entry)
-            self._lru[entry] = None
-            self._lru.move_to_end(entry, last=False)
-        else:
-            k.idle.append(entry)
-            self._lru[entry] = None
+        entry.stamp = self._stamp = self._stamp + 1
+        k.idle.append(entry)
+        self._lru[entry] = None
+        if self._waiting:
+            self._serve(k)
+
+    def _idle_restore(self, entry: _Slot) -> None:
+        """Put back an entry taken out of idle and never used, exactly where it was (sync).
+
+        Its key's idle list and the eviction order stay in stamp order, as if it had never
+        left; then the waiting tasks it may help are served.
+        """
+        k = entry.key
+        stamp = entry.stamp
+        idle = k.idle
+        index = len(idle)
+        while index and idle[index - 1].stamp > stamp:
+            index -= 1
+        idle.insert(index, entry)
+        lru = self._lru
+        lru[entry] = None
+        later: list[_Slot] = []
+        for other in reversed(lru):
+            if other is entry:
+                continue
+            if other.stamp < stamp:
+                break
+            later.append(other)
+        for other in reversed(later):
+            lru.move_to_end(other)
         if self._waiting:
             self._serve(k)
 
@@ -1249,17 +1283,17 @@ class KeyedResourcePool(Generic[K, T]):
             victim.holds_total = True
         if slot is not None:
             self._free_slot(slot, front)
-        for entry, oldest in (
-            (victim, True),
-            (self._unbind_quiet(lease) if lease.entry is not None else None, False),
-            (lease.candidate, False),
+        for entry in (
+            victim,
+            self._unbind_quiet(lease) if lease.entry is not None else None,
+            lease.candidate,
         ):
             if entry is None:
                 continue
             if self._closed:
                 orphans.append(entry)
             else:
-                self._idle_put(entry, oldest)
+                self._idle_restore(entry)
         lease.candidate = None
         deferred: BaseException | None = None
         for orphan in orphans:
@@ -1741,6 +1775,7 @@ class _KeyedLease(Generic[K, T]):
             else:
                 use.counts[bisect_left(use.bounds, held)] += 1
             use.sum += held
+            entry.stamp = pool._stamp = pool._stamp + 1
             k.idle.append(entry)
             pool._lru[entry] = None
             if pool._waiting:

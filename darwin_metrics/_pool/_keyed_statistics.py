@@ -61,7 +61,8 @@ class KeyStatistics:
     leased: int
     """Resources of this key leased out now."""
     waiting: int
-    """Tasks waiting for a resource of this key."""
+    """Tasks waiting for a resource of this key (one whose wait was just cancelled counts until
+    it runs again)."""
     created: int
     """Resources the factory made for this key."""
     disposed: int
@@ -110,7 +111,8 @@ class KeyedPoolStatistics(Generic[K]):
     leased: int
     """Resources leased out now, over all keys."""
     waiting: int
-    """Tasks waiting for a resource, over all keys (``max_waiting`` bounds it)."""
+    """Tasks waiting for a resource, over all keys (``max_waiting`` bounds it; one whose wait
+    was just cancelled counts until it runs again)."""
     created: int
     """Resources the factory made."""
     disposed: int
