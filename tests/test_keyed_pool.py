@@ -299,6 +299,61 @@ class TestLimits:
             pass
         assert [conn.key for conn in hooks.disposed] == ["b"]
 
+    async def test_a_waiting_key_served_later_also_evicts_the_longest_idle(self) -> None:
+        """The eviction order on the serving side, not only for a newcomer: "v" is at its
+        limit while one of its resources is being disposed (evicted for "cold"); when that
+        dispose returns, "v"'s waiter gets the place of the longest idle resource."""
+        hooks = Hooks()
+
+        async def slow_dispose(key: str, conn: Conn) -> None:
+            await anyio.sleep(5)
+            hooks.dispose(key, conn)
+
+        pool = track(KeyedResourcePool(2, 4, factory=hooks.factory, dispose=slow_dispose))
+        v1 = await pool.acquire("v")
+        for key in ("v", "x", "y"):  # idle in this order: the second "v" the longest
+            async with pool.lease(key):
+                pass
+            await anyio.sleep(1)
+        got: list[Conn] = []
+
+        async def lease(key: str) -> None:
+            async with pool.lease(key) as conn:
+                got.append(conn)
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lease, "cold")  # evicts the idle "v" (5 s to dispose)
+            await anyio.sleep(1)
+            tg.start_soon(lease, "v")  # "v" is at its limit until that dispose returns
+            await anyio.sleep(1)
+            assert [conn.key for conn in got] == []
+            await anyio.sleep(10)  # then "v" evicts in turn (5 s more), and makes its own
+            assert [conn.key for conn in got] == ["cold", "v"]
+            assert [conn.key for conn in hooks.disposed] == ["v", "x"]  # x, not y
+            tg.cancel_scope.cancel()
+        await pool.release(v1)
+
+    async def test_a_place_is_free_only_once_dispose_returned(self) -> None:
+        events: list[str] = []
+
+        async def dispose(key: str, conn: Conn) -> None:
+            events.append(f"dispose {key} starts")
+            await anyio.sleep(5)
+            events.append(f"dispose {key} ends")
+
+        def factory(key: str) -> Conn:
+            events.append(f"create {key}")
+            return Conn(key, 0)
+
+        pool = track(KeyedResourcePool(1, 1, factory=factory, dispose=dispose))
+        conn = await pool.acquire("a")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.acquire, "b")
+            await anyio.wait_all_tasks_blocked()
+            await pool.discard(conn)
+        assert events == ["create a", "dispose a starts", "dispose a ends", "create b"]
+
     async def test_a_key_never_evicts_its_own_idle_resources(self) -> None:
         pool = make_pool(max_per_key=2, max_total=2)
         a1 = await pool.acquire("a")
