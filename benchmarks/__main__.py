@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, pool
+from . import broadcast, cache, keyed, pool
 from ._harness import Config, Row, format_table
 
 AREAS = ("pool", "cache", "broadcast", "redis")
@@ -53,6 +53,7 @@ async def _async_rows(
     rows: list[Row] = []
     if "pool" in areas:
         rows += await pool.rows(config, backend)
+        rows += await keyed.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
     if redis_url is not None:

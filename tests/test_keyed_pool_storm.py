@@ -350,7 +350,9 @@ class Storm:
         assert total is not None
         assert total.borrowed_tokens == stats.size
         for k in pool._keys.values():
+            assert k.limiter is not None
             assert k.limiter.borrowed_tokens == k.slots == len(k.idle)
+        assert all(limiter.borrowed_tokens == 0 for limiter in pool._spare_limiters)
         assert not pool._cold or all(not k.waiters for k, _ in pool._cold)
 
 
