@@ -1,56 +1,22 @@
 """KeyedResourcePool: a pool of pools by key, under a per-key and an overall limit.
 
-How capacity works
-------------------
-Capacity is counted in *slots*: a slot is the place of one resource, from the moment the pool
-decides to make it (before the factory is called) until its ``dispose`` hook has returned.
-Each slot holds a token of two :class:`anyio.CapacityLimiter` objects, taken with
-``acquire_on_behalf_of_nowait`` on the slot's behalf: its key's limiter (``max_per_key``
-tokens) and the pool's (``max_total`` tokens). So both limits hold at all times, counting
-every resource that exists: idle, leased, being made, checked, reset or disposed. Leasing an
-idle resource and giving it back move no token; only making and disposing do.
+One idea per module:
 
-When ``max_total`` is reached and a task needs a new resource for a key that has no idle one,
-the pool's longest idle resource (of another key) is *evicted*: its slot hands its overall
-token to a new slot for the waiting key at once, and the waiting task disposes it before it
-calls the factory, so the overall count never goes over, not even for a moment.
-
-How waiting works
------------------
-The pool owns its wait queues: one FIFO queue of waiting tasks per key, and two FIFO queues
-of *keys* that wait for room (``max_total`` reached, nothing idle to evict): the **cold**
-queue, keys that hold no resource at all, and the **warm** queue, keys that hold some but
-could use more. Whenever something frees up (a resource given back, a slot freed), the pool
-serves, synchronously, in this order:
-
-1. the first cold key: it gets a slot (evicting the longest idle resource if it must);
-2. the waiting tasks of the key whose resource just came back: they reuse it;
-3. the first warm key, round robin: it gets a slot, as a cold key does.
-
-Within a key, tasks are served in strict FIFO order, and a newcomer never jumps the queue (it
-takes the fast path only when nobody waits for its key, and room only when no key waits for
-room). No resource is left idle while a task that could use it waits.
-
-**The fairness bound.** A key that waits with nothing at all (cold) cannot be starved by busy
-keys: every release (a resource given back or discarded, anywhere in the pool) serves the
-first cold key. A cold key is therefore served by the ``(c + 1)``-th release after it started
-waiting at the latest, ``c`` being the number of cold keys already waiting then; with no
-other cold key, by the very next release. A cold key whose task then fails (the factory
-raises, the task is cancelled or times out after it was served) waits again at the back of
-the cold queue, so a key whose server is down cannot monopolize the releases either. Keys
-that hold resources always progress by their own releases.
-
-A waiter that is cancelled just as it is served (possible on asyncio, where a wake-up and a
-``task.cancel()`` can cross) passes what it was given on, and its key keeps its place in the
-queues: nothing is lost, whatever cancelled it.
+- :mod:`._keyed`: the public class, checkout (acquire, try_acquire, lease) and give-back.
+- :mod:`._keyed_core`: places, keys, the queues and who is served next: how both limits and
+  the fairness across keys are kept (its docstring tells how capacity and waiting work).
+- :mod:`._keyed_upkeep`: prefill to ``min_idle``, idle reaping, retirement.
+- :mod:`._keyed_parts`: a place, a key's state, a lease and its ``async with`` context.
+- :mod:`._keyed_statistics`: the frozen snapshots.
 
 What must finish, finishes
 --------------------------
 State changes never straddle an ``await``: every await comes before the changes it depends
-on, or is undone by an ``except BaseException`` block. ``reset`` and ``dispose`` run through
-:func:`~darwin_metrics._lowlevel.run_protected`: no cancellation reaches them (a native
-asyncio ``task.cancel()`` is held back until the bookkeeping is done, then raised), a hook
-that raises anything only fails its resource, and a hook that hangs is abandoned after
+on, or is undone by an ``except BaseException`` block (:meth:`KeyedResourcePool._abandon`
+gives back whatever an acquisition that did not complete holds). ``reset`` and ``dispose`` run
+through :func:`~darwin_metrics._lowlevel.run_protected`: no cancellation reaches them (a
+native asyncio ``task.cancel()`` is held back until the bookkeeping is done, then raised), a
+hook that raises anything only fails its resource, and a hook that hangs is abandoned after
 ``hook_timeout`` seconds. A pool belongs to the event loop that first uses it; another event
 loop gets :class:`RuntimeError` before anything changes.
 """
@@ -59,34 +25,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import inspect
-import logging
 import math
-import random
 import typing
 import warnings
-from bisect import bisect_left
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 from anyio import CancelScope
 
-from .._errors import PoolClosedError, PoolOverloadedError, PoolTimeoutError
-from .._histogram import DEFAULT_BUCKETS, _Recorder
-from .._lowlevel import HookTimeoutError, Parker, current_loop, run_protected, wrong_loop_error
+from .._errors import PoolOverloadedError, PoolTimeoutError
+from .._histogram import _Recorder
+from .._lowlevel import Parker, current_loop, wrong_loop_error
 from .._tasks import exit_task_group
 from ._args import check_hook, check_seconds, check_size
 from ._backend import get_running_loop, loop_clock, trio_checkpoint, trio_token
+from ._keyed_core import _DISPOSAL_REASONS, logger
+from ._keyed_parts import POOL_TIMEOUT, _Key, _KeyedLease, _PoolTimeout, _Slot, _unhashable
 from ._keyed_statistics import (
     KeyedDisposalReason,
     KeyedPoolDisposals,
     KeyedPoolStatistics,
     KeyStatistics,
 )
+from ._keyed_upkeep import _KeyedUpkeep
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -96,139 +61,10 @@ __all__ = ["POOL_TIMEOUT", "KeyedResourcePool"]
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
 
-logger = logging.getLogger("darwin_metrics")
-
-_LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
-_PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
 _DEFAULT_HOOK_TIMEOUT = 10.0
-_FIRST_BOUND = DEFAULT_BUCKETS[0]
-_DISPOSAL_REASONS: tuple[KeyedDisposalReason, ...] = typing.get_args(KeyedDisposalReason)
 
 
-class _PoolTimeout(enum.Enum):
-    """The type of :data:`POOL_TIMEOUT`."""
-
-    POOL_TIMEOUT = "the pool's timeout"
-
-    def __repr__(self) -> str:
-        return "POOL_TIMEOUT"
-
-
-POOL_TIMEOUT = _PoolTimeout.POOL_TIMEOUT
-"""The default of every ``timeout=`` argument: use the ``timeout`` given to the pool."""
-
-
-class _Slot:
-    """The place of one resource: it holds the limiters' tokens on its own behalf.
-
-    ``resource`` is unset while the factory runs. ``holds_total`` turns false when an
-    eviction hands the slot's overall token to the slot being made in its place.
-    """
-
-    __slots__ = (
-        "created_at",
-        "holds_total",
-        "idle_since",
-        "key",
-        "resource",
-        "retire_at",
-        "stamp",
-    )
-
-    def __init__(self, key: _Key) -> None:
-        self.key = key
-        self.resource: Any = None
-        self.created_at = 0.0
-        self.idle_since = 0.0
-        self.retire_at = math.inf
-        self.holds_total = True
-        self.stamp = 0  # when it last became idle, in the pool's count of such events
-
-    def __repr__(self) -> str:
-        return f"<slot of {self.key.key!r}: {self.resource!r}>"
-
-
-class _Key:
-    """One key's state: its limiter, idle resources, waiting tasks and counters."""
-
-    __slots__ = (
-        "acquired",
-        "acquired_after_wait",
-        "cold_gen",
-        "cold_queued",
-        "created",
-        "creating",
-        "disposed",
-        "dropped",
-        "evicted",
-        "factory_errors",
-        "idle",
-        "key",
-        "last_used",
-        "leased",
-        "limiter",
-        "rejected",
-        "slots",
-        "timeouts",
-        "total_wait",
-        "waiters",
-        "waits_abandoned",
-        "warm_gen",
-        "warm_queued",
-    )
-
-    def __init__(self, key: Hashable, now: float) -> None:
-        self.key = key
-        # Made when the key takes its first place (a key that only waits needs none).
-        self.limiter: anyio.CapacityLimiter | None = None
-        self.slots = 0  # tokens held on ``limiter``: every resource of this key that exists
-        self.idle: list[_Slot] = []  # most recently returned last
-        self.leased = 0
-        self.creating = 0
-        self.waiters: deque[_KeyedLease[Any, Any]] = deque()
-        self.last_used = now
-        self.dropped = False
-        # Entries of the pool's cold and warm queues are (key, generation): a generation
-        # change makes the key's old entry stale, so that it queues again at the back.
-        self.cold_gen = 0
-        self.cold_queued = False
-        self.warm_gen = 0
-        self.warm_queued = False
-        self.created = 0
-        self.disposed = 0
-        self.evicted = 0
-        self.factory_errors = 0
-        self.acquired = 0
-        self.acquired_after_wait = 0
-        self.waits_abandoned = 0
-        self.timeouts = 0
-        self.rejected = 0
-        self.total_wait = 0.0
-
-    def snapshot(self) -> KeyStatistics:
-        return KeyStatistics(
-            size=self.slots,
-            idle=len(self.idle),
-            leased=self.leased,
-            waiting=len(self.waiters),
-            created=self.created,
-            disposed=self.disposed,
-            evicted=self.evicted,
-            factory_errors=self.factory_errors,
-            acquired=self.acquired,
-            acquired_after_wait=self.acquired_after_wait,
-            waits_abandoned=self.waits_abandoned,
-            timeouts=self.timeouts,
-            rejected=self.rejected,
-            total_wait=self.total_wait,
-        )
-
-
-def _unhashable(key: object) -> TypeError:
-    return TypeError(f"a key must be hashable, got {type(key).__name__} {key!r}")
-
-
-class KeyedResourcePool(Generic[K, T]):
+class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
     """A pool of reusable resources by key (per host, per tenant, per shard).
 
     Each key has its own resources, made by ``factory(key)``, and its own FIFO queue of
@@ -299,58 +135,7 @@ class KeyedResourcePool(Generic[K, T]):
     waiting: with one, by the very next release. Busy keys cannot starve a cold one.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_acquired",
-        "_acquired_after_wait",
-        "_check",
-        "_clock",
-        "_closed",
-        "_cold",
-        "_create_time",
-        "_created",
-        "_creating",
-        "_disposals",
-        "_dispose",
-        "_disposed",
-        "_factory",
-        "_factory_errors",
-        "_hook_timeout",
-        "_keys",
-        "_leased",
-        "_longest_wait",
-        "_loop",
-        "_lru",
-        "_max_idle_time",
-        "_max_lifetime",
-        "_max_per_key",
-        "_max_total",
-        "_max_waiting",
-        "_min_idle",
-        "_needs_fill",
-        "_owned",
-        "_plain_checkout",
-        "_plain_return",
-        "_rejected",
-        "_reset",
-        "_slots",
-        "_spare_limiters",
-        "_stamp",
-        "_task_group",
-        "_timeout",
-        "_timeouts",
-        "_total",
-        "_total_wait",
-        "_trio",
-        "_upkeep_due",
-        "_upkeep_scope",
-        "_upkeep_wakeup",
-        "_use_time",
-        "_wait_time",
-        "_waiting",
-        "_waits_abandoned",
-        "_warm",
-    )
+    __slots__ = ("__weakref__",)
 
     def __init__(
         self,
@@ -399,43 +184,43 @@ class KeyedResourcePool(Generic[K, T]):
             check_size("max_waiting", max_waiting, 0)
         self._max_waiting = max_waiting
         # Stored loosely typed: the pool calls them with its keys, which are K.
-        self._factory: Callable[[Any], Any] = factory
-        self._check: Callable[[Any, Any], Any] | None = check
-        self._reset: Callable[[Any, Any], object] | None = reset
-        self._dispose: Callable[[Any, Any], object] | None = dispose
+        self._factory = factory
+        self._check = check
+        self._reset = reset
+        self._dispose = dispose
         self._plain_checkout = check is None and max_lifetime is None and not min_idle
         self._plain_return = reset is None and max_lifetime is None and max_idle_time is None
 
-        self._keys: dict[Hashable, _Key] = {}
+        self._keys = {}
         # Every idle resource of every key, the longest idle first: the eviction order.
-        self._lru: OrderedDict[_Slot, None] = OrderedDict()
+        self._lru = OrderedDict()
         self._stamp = 0  # stamps idle resources: _lru and each key's idle are in stamp order
-        self._leased: dict[int, _KeyedLease[K, T]] = {}  # by id(resource)
+        self._leased = {}  # by id(resource)
         # Every resource the pool owns, by identity: idle, leased, or being checked or reset.
-        self._owned: dict[int, _Slot] = {}
+        self._owned = {}
         self._slots = 0  # tokens held on the overall limiter
         # Per-key limiters of keys that disappeared, none borrowed: making one costs 2-8 µs.
-        self._spare_limiters: list[anyio.CapacityLimiter] = []
+        self._spare_limiters = []
         self._creating = 0
         self._waiting = 0  # tasks in the keys' queues
         # Keys waiting for room, as (key, generation): with no resource at all, and with some.
-        self._cold: deque[tuple[_Key, int]] = deque()
-        self._warm: deque[tuple[_Key, int]] = deque()
-        self._needs_fill: OrderedDict[_Key, None] = OrderedDict()  # keys below min_idle
+        self._cold = deque()
+        self._warm = deque()
+        self._needs_fill = OrderedDict()  # keys below min_idle
         self._closed = False
         # The event loop this pool belongs to, and what comes with it: bound on first use.
-        self._loop: object | None = None
-        self._total: anyio.CapacityLimiter | None = None
+        self._loop = None
+        self._total = None
         self._trio = False
-        self._clock: Callable[[], float] = anyio.current_time
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._upkeep_scope: CancelScope | None = None
-        self._upkeep_wakeup: anyio.Event | None = None
+        self._clock = anyio.current_time
+        self._task_group = None
+        self._upkeep_scope = None
+        self._upkeep_wakeup = None
         self._upkeep_due = math.inf
 
         self._created = 0
         self._disposed = 0
-        self._disposals: dict[KeyedDisposalReason, int] = dict.fromkeys(_DISPOSAL_REASONS, 0)
+        self._disposals = dict.fromkeys(_DISPOSAL_REASONS, 0)
         self._factory_errors = 0
         self._acquired = 0
         self._acquired_after_wait = 0
@@ -562,446 +347,10 @@ class KeyedResourcePool(Generic[K, T]):
         else:
             await asyncio.sleep(0)
 
-    def _is_closed(self) -> bool:
-        # A call, so that type checkers don't assume an await left it unchanged.
-        return self._closed
-
-    def _closed_error(self) -> PoolClosedError:
-        return PoolClosedError(f"{self!r} is closed")
-
     def _resolve_timeout(self, timeout: float | _PoolTimeout | None) -> float | None:
         if timeout is POOL_TIMEOUT:
             return self._timeout
         return check_seconds("timeout", timeout)
-
-    # ------------------------------------------------------------------ keys and slots
-
-    def _key_of(self, key: object) -> _Key:
-        """The state of ``key``, created if the pool holds nothing for it yet (sync)."""
-        try:
-            k = self._keys.get(key)
-        except TypeError:
-            raise _unhashable(key) from None
-        if k is None:
-            k = _Key(key, self._clock())
-            self._keys[key] = k
-            if self._min_idle:
-                self._want_fill(k)
-        return k
-
-    def _maybe_drop_key(self, k: _Key) -> None:
-        """A key with nothing left (no resource, no waiting task) disappears (sync)."""
-        if k.slots == 0 and not k.waiters and not k.dropped:
-            k.dropped = True
-            if self._keys.get(k.key) is k:
-                del self._keys[k.key]
-            self._needs_fill.pop(k, None)
-            limiter, k.limiter = k.limiter, None
-            if limiter is not None and len(self._spare_limiters) < 64:
-                self._spare_limiters.append(limiter)
-
-    def _limiter_of(self, k: _Key) -> anyio.CapacityLimiter:
-        """``k``'s limiter, made (or taken from the spares) when it takes its first place."""
-        limiter = k.limiter
-        if limiter is None:
-            spares = self._spare_limiters
-            limiter = spares.pop() if spares else anyio.CapacityLimiter(self._max_per_key)
-            k.limiter = limiter
-        return limiter
-
-    def _new_slot(self, k: _Key) -> _Slot:
-        """Take a per-key and an overall token for a new slot (the caller checked room)."""
-        total = self._total
-        assert total is not None
-        slot = _Slot(k)
-        self._limiter_of(k).acquire_on_behalf_of_nowait(slot)
-        total.acquire_on_behalf_of_nowait(slot)
-        if k.slots == 0:
-            self._left_cold(k)
-        k.slots += 1
-        self._slots += 1
-        return slot
-
-    def _evict_for(self, k: _Key, victim: _Slot) -> _Slot:
-        """Take ``victim`` out of idle and hand its overall token to a new slot for ``k``.
-
-        The victim keeps its per-key token until it is disposed; its resource stays owned
-        (the caller forgets it when the disposal starts, or puts it back if that never
-        happens). Returns the new slot. Sync.
-        """
-        total = self._total
-        assert total is not None
-        vk = victim.key
-        vk.idle.remove(victim)
-        del self._lru[victim]
-        slot = _Slot(k)
-        self._limiter_of(k).acquire_on_behalf_of_nowait(slot)
-        if k.slots == 0:
-            self._left_cold(k)
-        k.slots += 1
-        total.release_on_behalf_of(victim)
-        victim.holds_total = False
-        total.acquire_on_behalf_of_nowait(slot)
-        return slot
-
-    def _free_slot(self, slot: _Slot, front: bool = False) -> None:
-        """Give back the tokens of a slot whose resource is gone; serve what that frees."""
-        k = slot.key
-        limiter = k.limiter
-        assert limiter is not None  # a key holding a place has its limiter
-        limiter.release_on_behalf_of(slot)
-        k.slots -= 1
-        if slot.holds_total:
-            slot.holds_total = False
-            total = self._total
-            assert total is not None
-            total.release_on_behalf_of(slot)
-            self._slots -= 1
-        if k.waiters:
-            self._note_wanting(k, front)
-        if self._waiting:
-            self._serve(None)
-        self._maybe_drop_key(k)
-        if self._min_idle:
-            self._want_fill(k)
-            if self._needs_fill:
-                self._wake_upkeep()  # room for another key's prefill, maybe
-
-    # ------------------------------------------------------------------ the queues
-
-    def _left_cold(self, k: _Key) -> None:
-        k.cold_gen += 1
-        k.cold_queued = False
-
-    def _waiters_gone(self, k: _Key) -> None:
-        """``k`` has no waiting task: its places in the cold and warm queues are void."""
-        k.cold_gen += 1
-        k.cold_queued = False
-        k.warm_gen += 1
-        k.warm_queued = False
-
-    def _note_wanting(self, k: _Key, front: bool = False) -> None:
-        """Queue ``k`` for room if it has waiting tasks and room of its own (sync).
-
-        ``front`` puts it first: for a key whose served task never took what it was given.
-        """
-        if k.dropped or not k.waiters:
-            return
-        if k.slots == 0:
-            if k.cold_queued:
-                return
-            k.cold_queued = True
-            queue, item = self._cold, (k, k.cold_gen)
-        elif k.slots < self._max_per_key:
-            if k.warm_queued:
-                return
-            k.warm_queued = True
-            queue, item = self._warm, (k, k.warm_gen)
-        else:
-            return  # it waits for its own resources to come back
-        if front:
-            queue.appendleft(item)
-        else:
-            queue.append(item)
-            if len(queue) > 2 * len(self._keys) + 16:
-                self._compact(queue)
-
-    def _compact(self, queue: deque[tuple[_Key, int]]) -> None:
-        """Drop the stale entries of a queue (keys that left it meanwhile), keeping order."""
-        cold = queue is self._cold
-        kept = [
-            (k, gen)
-            for k, gen in queue
-            if not k.dropped and gen == (k.cold_gen if cold else k.warm_gen)
-        ]
-        queue.clear()
-        queue.extend(kept)
-
-    def _live_head(self, k: _Key) -> _KeyedLease[Any, Any] | None:
-        """The first waiting task of ``k`` that can still be served; drops cancelled ones."""
-        waiters = k.waiters
-        while waiters:
-            head = waiters[0]
-            parker = head.parker
-            if parker is not None and parker.parked:
-                return head
-            waiters.popleft()  # cancelled: it leaves by itself, taking nothing
-            self._waiting -= 1
-        self._waiters_gone(k)
-        return None
-
-    def _pop_head(self, k: _Key) -> _KeyedLease[Any, Any]:
-        head = k.waiters.popleft()
-        self._waiting -= 1
-        if not k.waiters:
-            self._waiters_gone(k)
-        return head
-
-    def _cold_head(self) -> _Key | None:
-        queue = self._cold
-        while queue:
-            k, gen = queue[0]
-            if (
-                gen == k.cold_gen
-                and k.slots == 0
-                and not k.dropped
-                and self._live_head(k) is not None
-            ):
-                return k
-            queue.popleft()
-            if gen == k.cold_gen:
-                k.cold_queued = False
-        return None
-
-    def _warm_head(self) -> _Key | None:
-        queue = self._warm
-        while queue:
-            k, gen = queue[0]
-            if (
-                gen == k.warm_gen
-                and 0 < k.slots < self._max_per_key
-                and not k.dropped
-                and self._live_head(k) is not None
-            ):
-                return k
-            queue.popleft()
-            if gen == k.warm_gen:
-                k.warm_queued = False
-        return None
-
-    def _serve(self, touched: _Key | None) -> None:
-        """Hand what is free to the waiting tasks, in the order the module docstring gives.
-
-        ``touched`` is the key whose resource just became idle, if any. Sync; called after
-        every change that can free a slot or add an idle resource.
-        """
-        if self._closed:
-            return
-        while self._waiting:
-            k = self._cold_head()
-            if k is not None and self._grant_room(k, self._cold):
-                continue
-            if touched is not None and touched.idle:
-                head = self._live_head(touched)
-                if head is not None:
-                    self._grant_idle(touched)
-                    continue
-            k = self._warm_head()
-            if k is None or not self._grant_room(k, self._warm):
-                return
-
-    def _grant_idle(self, k: _Key) -> None:
-        """Hand ``k``'s most recently returned idle resource to its first waiting task."""
-        entry = k.idle.pop()
-        del self._lru[entry]
-        head = self._pop_head(k)
-        self._bind(head, entry)
-        head.granted = True
-        parker = head.parker
-        assert parker is not None
-        parker.wake()
-
-    def _grant_room(self, k: _Key, queue: deque[tuple[_Key, int]]) -> bool:
-        """Give the first waiting task of ``k`` (first in ``queue``) a new slot, if any.
-
-        A new slot needs room under ``max_total``, or an idle resource to evict. Returns
-        whether the task was served.
-        """
-        if k.idle:  # (never, while the pool's invariants hold) reuse beats a new resource
-            self._grant_idle(k)
-            return True
-        victim: _Slot | None = None
-        if self._slots < self._max_total:
-            queue.popleft()
-            slot = self._new_slot(k)
-        else:
-            victim = next(iter(self._lru), None)
-            if victim is None:
-                return False
-            queue.popleft()
-            slot = self._evict_for(k, victim)
-        if queue is self._cold:
-            k.cold_queued = False
-        else:
-            k.warm_queued = False
-        head = self._pop_head(k)
-        head.slot = slot
-        head.victim = victim
-        head.granted = True
-        parker = head.parker
-        assert parker is not None
-        parker.wake()
-        self._note_wanting(k)  # at the back of the warm queue, if it wants more
-        return True
-
-    def _grant_self(self, lease: _KeyedLease[K, T], k: _Key) -> bool:
-        """What a newcomer may take without waiting for another task (sync).
-
-        An idle resource of its key, or a new slot (with room, or by evicting the longest
-        idle resource of another key), but only when no task waits for its key. Returns
-        whether the lease now holds one.
-        """
-        if k.waiters and self._live_head(k) is not None:
-            return False  # strict FIFO per key
-        idle = k.idle
-        if idle:
-            entry = idle.pop()
-            del self._lru[entry]
-            lease.candidate = entry
-            return True
-        if k.slots >= self._max_per_key:
-            return False
-        # No key waits for room when there is room or an idle resource (the pool serves
-        # them first), so taking it jumps nobody.
-        if self._slots < self._max_total:
-            lease.slot = self._new_slot(k)
-            return True
-        victim = next(iter(self._lru), None)
-        if victim is None:
-            return False
-        lease.slot = self._evict_for(k, victim)
-        lease.victim = victim
-        return True
-
-    # ------------------------------------------------------------------ bookkeeping
-
-    def _bind(self, lease: _KeyedLease[Any, Any], entry: _Slot) -> None:
-        """Record that ``lease`` holds ``entry`` (sync)."""
-        lease.entry = entry
-        self._leased[id(entry.resource)] = lease
-        k = entry.key
-        k.leased += 1
-        k.acquired += 1
-        self._acquired += 1
-        lease.acquired_at = k.last_used = self._clock()
-        if self._min_idle and len(k.idle) + k.creating < self._min_idle:
-            self._want_fill(k)
-
-    def _unbind_quiet(self, lease: _KeyedLease[Any, Any]) -> _Slot:
-        """Undo a binding that was never used (sync): no use time, no acquisition."""
-        entry = lease.entry
-        assert entry is not None
-        del self._leased[id(entry.resource)]
-        lease.entry = None
-        k = entry.key
-        k.leased -= 1
-        k.acquired -= 1
-        self._acquired -= 1
-        return entry
-
-    def _unbind(self, lease: _KeyedLease[Any, Any]) -> _Slot:
-        """A lease ends: its resource comes back or is discarded (sync)."""
-        entry = lease.entry
-        assert entry is not None
-        del self._leased[id(entry.resource)]
-        lease.entry = None
-        k = entry.key
-        k.leased -= 1
-        now = k.last_used = self._clock()
-        self._use_time.observe(now - lease.acquired_at)
-        return entry
-
-    def _forget(self, entry: _Slot, reason: KeyedDisposalReason) -> None:
-        """The pool no longer owns ``entry``'s resource (sync); its slot stays until disposed."""
-        del self._owned[id(entry.resource)]
-        self._disposed += 1
-        self._disposals[reason] += 1
-        k = entry.key
-        k.disposed += 1
-        if reason == "evicted":
-            k.evicted += 1
-
-    def _idle_put(self, entry: _Slot) -> None:
-        """Make ``entry`` idle, the most recently idle, and serve the tasks it may help."""
-        k = entry.key
-        entry.stamp = self._stamp = self._stamp + 1
-        k.idle.append(entry)
-        self._lru[entry] = None
-        if self._waiting:
-            self._serve(k)
-
-    def _idle_restore(self, entry: _Slot) -> None:
-        """Put back an entry taken out of idle and never used, exactly where it was (sync).
-
-        Its key's idle list and the eviction order stay in stamp order, as if it had never
-        left; then the waiting tasks it may help are served.
-        """
-        k = entry.key
-        stamp = entry.stamp
-        idle = k.idle
-        index = len(idle)
-        while index and idle[index - 1].stamp > stamp:
-            index -= 1
-        idle.insert(index, entry)
-        lru = self._lru
-        lru[entry] = None
-        later: list[_Slot] = []
-        for other in reversed(lru):
-            if other is entry:
-                continue
-            if other.stamp < stamp:
-                break
-            later.append(other)
-        for other in reversed(later):
-            lru.move_to_end(other)
-        if self._waiting:
-            self._serve(k)
-
-    async def _run_hook(
-        self, name: str, hook: Callable[[Any, Any], object], entry: _Slot
-    ) -> tuple[bool, BaseException | None]:
-        """Run ``reset`` or ``dispose`` to completion; return ``(ok, deferred)``."""
-        key, resource = entry.key.key, entry.resource
-        failure, deferred = await run_protected(
-            lambda: hook(key, resource), on_trio=self._trio, timeout=self._hook_timeout
-        )
-        if failure is not None:
-            consequence = "disposing it" if name == "reset" else "the resource left the pool"
-            if isinstance(failure, HookTimeoutError):
-                logger.error(
-                    "%s(%r, %r) did not finish within hook_timeout=%s s; abandoned it, %s",
-                    name,
-                    key,
-                    resource,
-                    self._hook_timeout,
-                    consequence,
-                )
-            else:
-                logger.error(
-                    "%s(%r, %r) raised; %s", name, key, resource, consequence, exc_info=failure
-                )
-        return failure is None, deferred
-
-    async def _dispose_only(self, entry: _Slot) -> BaseException | None:
-        """Run the dispose hook on ``entry``'s resource; return what to raise afterwards."""
-        if self._dispose is None:
-            return None
-        return (await self._run_hook("dispose", self._dispose, entry))[1]
-
-    async def _dispose_and_free(self, entry: _Slot) -> BaseException | None:
-        """Dispose a forgotten entry's resource, then free its slot; return what to raise."""
-        try:
-            deferred = await self._dispose_only(entry)
-        finally:
-            self._free_slot(entry)
-        return deferred
-
-    async def _dispose_entries(
-        self, doomed: Iterable[_Slot], reason: KeyedDisposalReason | None
-    ) -> None:
-        """Forget the entries, then dispose every one whatever happens; then raise.
-
-        ``reason`` says why they go; ``None`` for expired ones (idle, or too old).
-        """
-        entries = list(doomed)
-        now = self._clock()
-        for entry in entries:
-            self._forget(entry, reason or ("lifetime" if entry.retire_at <= now else "idle"))
-        deferred: BaseException | None = None
-        for entry in entries:
-            deferred = await self._dispose_and_free(entry) or deferred
-        if deferred is not None:
-            raise deferred
 
     # ------------------------------------------------------------------ checkout
 
@@ -1245,38 +594,6 @@ class KeyedResourcePool(Generic[K, T]):
         if deferred is not None:
             raise deferred
         return False
-
-    async def _create_into(self, slot: _Slot) -> None:
-        """Make a resource in ``slot`` with the factory. An error or cancellation makes none."""
-        k = slot.key
-        k.creating += 1
-        self._creating += 1
-        start = self._clock()
-        try:
-            resource = self._factory(k.key)
-            if inspect.isawaitable(resource):
-                resource = await resource
-        except BaseException:
-            self._factory_errors += 1
-            k.factory_errors += 1
-            raise
-        finally:
-            k.creating -= 1
-            self._creating -= 1
-        now = self._clock()
-        self._create_time.observe(now - start)
-        if id(resource) in self._owned:
-            raise RuntimeError(
-                f"the factory returned {resource!r}, which the pool already owns: a resource "
-                "joins it once"
-            )
-        slot.resource = resource
-        slot.created_at = slot.idle_since = now
-        if self._max_lifetime is not None:
-            slot.retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())
-        self._owned[id(resource)] = slot
-        self._created += 1
-        k.created += 1
 
     async def _abandon(self, lease: _KeyedLease[Any, Any], front: bool = False) -> None:
         """Undo an acquisition that did not complete: give back whatever the lease holds.
@@ -1568,235 +885,3 @@ class KeyedResourcePool(Generic[K, T]):
             self._task_group = None
             result = await exit_task_group(task_group, exc_type, exc_value, traceback)
         return result
-
-    # ------------------------------------------------------------------ upkeep
-
-    def _wake_upkeep(self) -> None:
-        wakeup = self._upkeep_wakeup
-        if wakeup is not None:
-            wakeup.set()
-
-    def _schedule_upkeep(self, due: float) -> None:
-        """Wake the upkeep task if it sleeps past ``due``."""
-        if due < self._upkeep_due:
-            self._wake_upkeep()
-
-    def _want_fill(self, k: _Key) -> None:
-        """Note that ``k`` may be below ``min_idle``, for the upkeep's prefill (sync)."""
-        if not k.dropped and len(k.idle) + k.creating < self._min_idle:
-            if k not in self._needs_fill:
-                self._needs_fill[k] = None
-            self._wake_upkeep()
-
-    def _key_unused(self, k: _Key, now: float) -> bool:
-        """Whether ``k`` holds only idle resources, nobody waits, and nobody used it for
-        ``max_idle_time``: then it loses them all, ``min_idle`` or not."""
-        mit = self._max_idle_time
-        return (
-            mit is not None
-            and k.slots == len(k.idle)
-            and not k.waiters
-            and now >= k.last_used + mit
-        )
-
-    async def _upkeep(self, scope: CancelScope) -> None:
-        backoff = 0.0
-        retry_prefill_at = -math.inf
-        with scope:
-            while True:
-                self._upkeep_wakeup = wakeup = anyio.Event()
-                self._upkeep_due = -math.inf  # awake: changes need no wake-up
-                await self._dispose_entries(self._collect_expired(), None)
-                if self._clock() >= retry_prefill_at:
-                    try:
-                        await self._prefill()
-                    except Exception:
-                        backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
-                        retry_prefill_at = self._clock() + backoff
-                        logger.exception("prefill failed; retrying in %.3g s", backoff)
-                    else:
-                        backoff = 0.0
-                now = self._clock()
-                due = self._next_due()
-                if retry_prefill_at > now and self._needs_fill:
-                    due = min(due, retry_prefill_at)
-                # Anything that needs upkeep sooner (a checkout below min_idle, a slot freed
-                # while a key waits for prefill, an entry due sooner) sets the wake-up event.
-                self._upkeep_due = due
-                if due > now:
-                    with anyio.move_on_after(due - now):
-                        await wakeup.wait()
-                else:
-                    await anyio.lowlevel.checkpoint()
-
-    def _collect_expired(self) -> list[_Slot]:
-        """Take out idle resources past ``max_idle_time`` or ``max_lifetime`` (sync).
-
-        A key keeps its ``min_idle`` most recently used resources, unless the whole key went
-        unused for ``max_idle_time``. The caller forgets and disposes what is returned.
-        """
-        mit = self._max_idle_time
-        if mit is None and self._max_lifetime is None:
-            return []
-        now = self._clock()
-        doomed: list[_Slot] = []
-        for k in list(self._keys.values()):
-            idle = k.idle
-            if not idle:
-                continue
-            if self._key_unused(k, now):
-                doomed.extend(idle)
-                for entry in idle:
-                    del self._lru[entry]
-                idle.clear()
-                continue
-            removable = len(idle) - self._min_idle
-            keep: list[_Slot] = []
-            for entry in idle:  # the longest idle first
-                if entry.retire_at <= now or (
-                    removable > 0 and mit is not None and now >= entry.idle_since + mit
-                ):
-                    doomed.append(entry)
-                    del self._lru[entry]
-                    removable -= 1
-                else:
-                    keep.append(entry)
-            if len(keep) != len(idle):
-                idle[:] = keep
-        return doomed
-
-    def _entry_due(self, entry: _Slot) -> float:
-        """When upkeep must look at an idle entry next (the expressions it tests)."""
-        mit = self._max_idle_time
-        if mit is None:
-            return entry.retire_at
-        return min(entry.retire_at, entry.idle_since + mit)
-
-    def _next_due(self) -> float:
-        due = math.inf
-        mit = self._max_idle_time
-        for k in self._keys.values():
-            idle = k.idle
-            if not idle:
-                continue
-            removable = mit is not None and len(idle) > self._min_idle
-            for entry in idle:
-                due = min(due, entry.retire_at)
-                if removable:
-                    assert mit is not None
-                    due = min(due, entry.idle_since + mit)
-            if mit is not None and k.slots == len(idle) and not k.waiters:
-                due = min(due, k.last_used + mit)  # the whole key, as _key_unused tests it
-        return due
-
-    async def _prefill(self) -> None:
-        """Make idle resources up to ``min_idle`` for the keys below it, one at a time.
-
-        Each is made in a slot of its own, only while nobody waits (waiting tasks make their
-        own) and ``max_total`` leaves room: prefill never evicts.
-        """
-        needs = self._needs_fill
-        while needs and not self._closed and not self._waiting:
-            k = next(iter(needs))
-            if (
-                k.dropped
-                or len(k.idle) + k.creating >= self._min_idle
-                or self._key_unused(k, self._clock())
-                or k.slots >= self._max_per_key
-            ):
-                del needs[k]  # noted again when it needs it (a checkout, a freed slot)
-                continue
-            if self._slots >= self._max_total:
-                return  # woken again when a slot is freed
-            slot = self._new_slot(k)
-            try:
-                await self._create_into(slot)
-            except BaseException:
-                self._free_slot(slot)
-                raise
-            if self._is_closed():
-                self._forget(slot, "closed")
-                deferred = await self._dispose_and_free(slot)
-                if deferred is not None:
-                    raise deferred
-                return
-            slot.idle_since = self._clock()
-            self._idle_put(slot)
-
-
-class _KeyedLease(Generic[K, T]):
-    """A lease: what it holds, its place in its key's queue, and the ``lease()`` context.
-
-    ``entry`` is the bound resource (leased); ``candidate`` an idle resource to check;
-    ``slot`` a place to make a resource in, after disposing ``victim`` (evicted) if set.
-    ``granted`` is true while a waiter was served and has not resumed yet.
-    """
-
-    __slots__ = (
-        "_entered",
-        "_key",
-        "_pool",
-        "_timeout",
-        "acquired_at",
-        "candidate",
-        "entry",
-        "granted",
-        "parker",
-        "slot",
-        "victim",
-    )
-
-    def __init__(self, pool: KeyedResourcePool[K, T], key: object, timeout: float | None) -> None:
-        self._pool = pool
-        self._key = key
-        self._timeout = timeout
-        self._entered = False
-        self.entry: _Slot | None = None
-        self.candidate: _Slot | None = None
-        self.slot: _Slot | None = None
-        self.victim: _Slot | None = None
-        self.granted = False
-        self.parker: Parker | None = None
-        self.acquired_at = 0.0
-
-    async def __aenter__(self) -> T:
-        if self._entered:
-            raise RuntimeError("a lease context can be entered only once")
-        self._entered = True
-        entry = await self._pool._take(self, self._key, self._timeout)
-        assert entry is not None
-        resource: T = entry.resource
-        return resource
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # The same task entered the lease, so the event loop is the pool's: no check here.
-        entry = self.entry
-        if entry is None:
-            return  # discarded or released inside the block
-        pool = self._pool
-        if pool._plain_return and not pool._closed:
-            # The common case, without a coroutine: back to idle, served to a waiter if any.
-            del pool._leased[id(entry.resource)]
-            self.entry = None
-            k = entry.key
-            k.leased -= 1
-            now = k.last_used = pool._clock()
-            held = now - self.acquired_at
-            use = pool._use_time  # its observe(), inline: this is every return's path
-            if held <= _FIRST_BOUND:
-                use.counts[0] += 1
-            else:
-                use.counts[bisect_left(use.bounds, held)] += 1
-            use.sum += held
-            entry.stamp = pool._stamp = pool._stamp + 1
-            k.idle.append(entry)
-            pool._lru[entry] = None
-            if pool._waiting:
-                pool._serve(k)
-        else:
-            await pool._give_back(self)
