@@ -79,6 +79,7 @@ class Storm:
         max_total: int = 16,
         failures: bool = True,
         max_waiting: int | None = None,
+        **upkeep: Any,
     ) -> None:
         self.rng = random.Random(seed)
         self.keys = keys
@@ -110,6 +111,7 @@ class Storm:
             reset=self.reset,
             check=self.check,
             max_waiting=max_waiting,
+            **upkeep,
         )
 
     # -- the hooks
@@ -398,6 +400,22 @@ async def test_storm_closed_midway() -> None:
     assert (stats.leased, stats.waiting, stats.idle, stats.size, stats.keys) == (0, 0, 0, 0, 0)
     assert stats.created == stats.disposed == len(storm.made)
     assert all(conn.closed for conn in storm.made)
+    assert storm.alive_total == 0
+
+
+async def test_storm_with_upkeep() -> None:
+    """Prefill to min_idle, idle reaping and retirement take and free places meanwhile."""
+    storm = Storm(11, min_idle=1, max_idle_time=0.01, max_lifetime=0.02)
+    async with storm.pool:
+        async with anyio.create_task_group() as tg:
+            for task in range(500 * SCALE):
+                tg.start_soon(storm.worker, task, 10)
+        assert storm.pool.statistics().disposals.lifetime > 0  # retired on the way back
+        await anyio.sleep(10)  # nobody uses any key: upkeep reaps them all
+        storm.check_books()
+        stats = storm.pool.statistics()
+        assert (stats.keys, stats.size) == (0, 0), stats
+        assert stats.disposals.idle > 0
     assert storm.alive_total == 0
 
 

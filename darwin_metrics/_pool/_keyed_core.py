@@ -671,8 +671,15 @@ class _KeyedCore:
             self._wake_upkeep()
 
     def _want_fill(self, k: _Key) -> None:
-        """Note that ``k`` may be below ``min_idle``, for the upkeep's prefill (sync)."""
-        if not k.dropped and len(k.idle) + k.creating < self._min_idle:
-            if k not in self._needs_fill:
-                self._needs_fill[k] = None
+        """Note that ``k`` may be below ``min_idle``, for the upkeep's prefill (sync).
+
+        Upkeep is woken only if prefill can do something now: not while tasks wait (the
+        last one to leave wakes it) nor for a key at its limit (a freed place notes it
+        again).
+        """
+        if k.dropped or len(k.idle) + k.creating >= self._min_idle:
+            return
+        if k not in self._needs_fill:
+            self._needs_fill[k] = None
+        if not self._waiting and k.slots < self._max_per_key:
             self._wake_upkeep()
