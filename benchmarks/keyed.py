@@ -110,7 +110,7 @@ async def rows(config: Config, backend: str) -> list[Row]:
 
     # --- contended: 200 tasks over 50 keys, max_total below demand
 
-    per_task = max(config.contended_per_task // 2, 20)
+    per_task = max(config.contended_per_task // 4, 20)  # 25 quick, 125 full: 5k-25k leases
     contended: list[Callable[[], Awaitable[tuple[float, float, float]]]] = [
         lambda: _contended_ours(per_task),
         lambda: _contended_by_hand(per_task),
@@ -189,7 +189,9 @@ async def rows(config: Config, backend: str) -> list[Row]:
         )
     )
 
-    # --- max_waiting: the cost of a refusal on a full pool
+    # --- max_waiting: the cost of a refusal on a full pool (per operation: fewer suffice;
+    # the timeout anchor costs about 100 µs each)
+    ops = max(ops // 4, 500)
 
     async with (
         KeyedResourcePool[str, object](1, 1, factory=_resource, max_waiting=0) as refusing,
