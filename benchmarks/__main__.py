@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, cached, export, pool
+from . import broadcast, cache, cached, export, keyed, pool
 from ._harness import Config, Row, format_table
 
 AREAS = ("pool", "cache", "broadcast", "export", "redis")
@@ -58,6 +58,7 @@ async def _async_rows(
         rows += await cached.rows(config, backend)
     if "pool" in areas:
         rows += await pool.rows(config, backend)
+        rows += await keyed.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
     if "export" in areas:

@@ -31,7 +31,8 @@ class DarwinMetricsError(Exception):
 
 
 class PoolError(DarwinMetricsError):
-    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool`."""
+    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool` and
+    :class:`~darwin_metrics.resource.KeyedResourcePool`."""
 
 
 class PoolFullError(PoolError):
@@ -54,16 +55,18 @@ class PoolClosedError(PoolError, anyio.ClosedResourceError):
     """The pool was closed before, or while, the operation waited."""
 
 
+class PoolOverloadedError(PoolError):
+    """An acquisition was refused at once because too many tasks already wait.
+
+    Raised instead of waiting when the pool's ``max_waiting`` tasks are already waiting for a
+    resource, so that a service under load sheds work instead of queueing it for ever (as
+    psycopg_pool's ``max_waiting`` does). Nothing was taken and nothing changed; try again
+    later, or answer the request with an error (an HTTP 503, say).
+    """
+
+
 class PoolTimeoutError(PoolError, TimeoutError):
     """No resource became available within the ``timeout`` given to acquire or lease."""
-
-
-class PoolOverloadedError(PoolError):
-    """An acquisition would have made more tasks wait than the pool's ``max_waiting``.
-
-    Nothing was acquired and nothing waits: the caller can shed the load (answer "busy",
-    retry later) instead of queueing for ever.
-    """
 
 
 class PoolPausedError(PoolError):

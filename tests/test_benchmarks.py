@@ -60,6 +60,8 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     names = {row["name"] for row in rows}
     for expected in (
         "lease() cycle, uncontended",
+        "keyed lease(key) cycle, 50 keys, uncontended",
+        "max_waiting=0: acquire refused (PoolOverloadedError)",
         "get hit, int keys",
         "set, str keys",
         "track_resource_usage, 100 subscribers",

@@ -24,6 +24,20 @@ pytest.importorskip("trio")
 
 # What each example must print, beyond exiting with status 0.
 EXPECTED = {
+    "keyed_pool.py": [
+        "4 servers listening on 127.0.0.1: ports ",
+        "most connections at once: 4 in all, 2 per server (limits: 4 and 2)",
+        "connections closed to make room for another shard's waiting requests: ",
+        "four idle connections to the others\n  idle before: {'shard-",
+        "shard-d: hello there",
+        "; evicted: 1\n",
+        "4 leased, 0 idle, shards: ['shard-a', 'shard-b']",
+        "after 1 release: shard-c is served (1 connection), 4 tasks of the busy shards",
+        "30 tasks waiting",
+        "PoolOverloadedError: 30 tasks are already waiting",
+        "rejected: 1",
+        "open connections after the pool closed: 0",
+    ],
     "pool_leases.py": [
         "echo server listening on 127.0.0.1:",
         "twenty tasks share three connections",
