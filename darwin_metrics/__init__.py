@@ -16,6 +16,7 @@ from ._errors import (
     RedisUnavailableError,
     SerializationError,
     TrackingTimeoutError,
+    UsageRelayError,
 )
 
 __version__ = "0.1.0.dev0"
@@ -31,5 +32,6 @@ __all__ = [
     "RedisUnavailableError",
     "SerializationError",
     "TrackingTimeoutError",
+    "UsageRelayError",
     "__version__",
 ]
