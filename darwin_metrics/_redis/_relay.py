@@ -240,6 +240,7 @@ class UsageRelay:
         "_duplicates",
         "_error",
         "_gone",
+        "_hook",
         "_host",
         "_id",
         "_ignored",
@@ -352,6 +353,8 @@ class UsageRelay:
         self._outbox: deque[tuple[int, ResourceUsage]] = deque()
         self._inflight: list[tuple[int, ResourceUsage]] = []
         self._parker: Parker | None = None
+        # The bound method, made once: the manager tells its hooks apart by identity.
+        self._hook = self._publish
         self._script: bytes | None = None  # the publishing script's SHA1, if the server has it
         self._warned_script = False
         # Receiving.
@@ -426,7 +429,7 @@ class UsageRelay:
         background, within the manager's task group, the relay sends what is still queued
         and its goodbye (for at most ``keepalive`` seconds), then closes its connections.
         """
-        self._manager._remove_publisher(self._publish)
+        self._manager._remove_publisher(self._hook)
         if self._state in ("starting", "running"):
             self._state = "stopping"
         self._scope.cancel()
@@ -483,10 +486,10 @@ class UsageRelay:
                     if self._state == "starting":
                         self._state = "running"
                         if self._publish_enabled:
-                            self._manager._add_publisher(self._publish)
+                            self._manager._add_publisher(self._hook)
                     self._ready.set()
         finally:
-            self._manager._remove_publisher(self._publish)
+            self._manager._remove_publisher(self._hook)
             self._state = "stopped"
             self._reader_up = self._publisher_up = False
             self._ready.set()
@@ -840,7 +843,7 @@ class UsageRelay:
 
     async def _farewell(self) -> None:
         """Stopping: send what is queued and the goodbye, within ``keepalive`` (shielded)."""
-        self._manager._remove_publisher(self._publish)  # nothing more is queued
+        self._manager._remove_publisher(self._hook)  # nothing more is queued
         self._state = "stopping"
         self._requeue()
         since = self._since
