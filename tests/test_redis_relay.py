@@ -110,7 +110,7 @@ def bye_entry(publisher: str, seq: int, *, since: str = "0-0") -> list[Any]:
 @contextlib.asynccontextmanager
 async def pair(
     url: str, **options: Any
-) -> AsyncIterator[tuple[ResourceManager, ResourceManager, UsageRelay, UsageRelay]]:  # noqa: E501
+) -> AsyncIterator[tuple[ResourceManager, ResourceManager, UsageRelay, UsageRelay]]:
     async with ResourceManager() as a, ResourceManager() as b:
         relay_a = await a.relay(url, source="a", **options)
         relay_b = await b.relay(url, source="b", **options)
@@ -385,6 +385,28 @@ class TestFaults:
         assert tally.subscription.missed == 0
         assert relay_b.statistics().disconnects >= 2
         assert relay_a.statistics().connects >= 4
+
+    async def test_a_killed_reader_loses_nothing_for_a_wait_subscriber(
+        self, redis_server: RedisServer
+    ) -> None:
+        async with pair(redis_server.url, keepalive=0.5) as (a, b, _, relay_b):
+            held = anyio.Event()
+            slow = Tally(b.subscribe(overflow="wait", buffer_size=1), pause=held)
+            async with anyio.create_task_group() as group:
+                group.start_soon(slow.run)
+                for n in range(10):
+                    await a.track_resource_usage("cpu", float(n))
+                # The reader delivers into the full buffer, and waits: kill its connection.
+                await wait_for(lambda: relay_b.statistics().received >= 2)
+                for client_id, name in relay_clients(redis_server):
+                    if name == RELAY_NAMES[0]:
+                        redis_server.command("CLIENT", "KILL", "ID", str(client_id))
+                await wait_for(lambda: relay_b.statistics().disconnects == 1)
+                held.set()
+                await wait_for(lambda: slow.accounted == 10)
+                group.cancel_scope.cancel()
+        assert [u.usage_percent for u in slow.events] == [float(n) for n in range(10)]
+        assert slow.subscription.missed == 0
 
     async def test_server_restart(self, redis_server: RedisServer) -> None:
         published = 1500

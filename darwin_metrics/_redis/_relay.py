@@ -70,6 +70,7 @@ if sys.version_info < (3, 11):
 if TYPE_CHECKING:
     import coredis
     import coredis.connection
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from .._manager._manager import ResourceManager
 
@@ -472,22 +473,26 @@ class UsageRelay:
     async def _run(self) -> None:
         try:
             with self._scope:
-                async with anyio.create_task_group() as group:
-                    try:
-                        # The first connection to come up reads the start position.
-                        if self._receive_enabled:
-                            await group.start(self._read_loop)
-                        if self._publish_enabled:
-                            await group.start(self._publish_loop)
-                    except Exception as exc:
-                        self._error = exc
-                        group.cancel_scope.cancel()
-                        return
-                    if self._state == "starting":
-                        self._state = "running"
-                        if self._publish_enabled:
-                            self._manager._add_publisher(self._hook)
-                    self._ready.set()
+                # Batches read, on their way to the delivering task (see _read_forever).
+                send, receive = anyio.create_memory_object_stream[Sequence[Any]]()
+                with send, receive:
+                    async with anyio.create_task_group() as group:
+                        try:
+                            # The first connection to come up reads the start position.
+                            if self._receive_enabled:
+                                group.start_soon(self._deliver_forever, receive)
+                                await group.start(self._read_loop, send)
+                            if self._publish_enabled:
+                                await group.start(self._publish_loop)
+                        except Exception as exc:
+                            self._error = exc
+                            group.cancel_scope.cancel()
+                            return
+                        if self._state == "starting":
+                            self._state = "running"
+                            if self._publish_enabled:
+                                self._manager._add_publisher(self._hook)
+                        self._ready.set()
         finally:
             self._manager._remove_publisher(self._hook)
             self._state = "stopped"
@@ -530,7 +535,12 @@ class UsageRelay:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def _read_loop(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _read_loop(
+        self,
+        handoff: MemoryObjectSendStream[Sequence[Any]],
+        *,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
         delay = _BACKOFF_MIN
         started = False
         while True:
@@ -554,7 +564,7 @@ class UsageRelay:
                         started = True
                         task_status.started()
                     delay = _BACKOFF_MIN
-                    await self._read_forever(connection)
+                    await self._read_forever(connection, handoff)
             except Exception as exc:
                 if not started:
                     raise
@@ -594,7 +604,18 @@ class UsageRelay:
             except (TypeError, ValueError, IndexError, AttributeError, UnicodeDecodeError):
                 continue
 
-    async def _read_forever(self, connection: coredis.connection.BaseConnection) -> None:
+    async def _read_forever(
+        self,
+        connection: coredis.connection.BaseConnection,
+        handoff: MemoryObjectSendStream[Sequence[Any]],
+    ) -> None:
+        """Read batches of entries and hand them to the delivering task, one at a time.
+
+        Delivering happens in a task of its own, so that losing the connection never cancels
+        a delivery that waits for a ``"wait"`` subscriber (that subscriber would never get
+        the usage, and nobody would count it missed). Reading waits while the previous batch
+        is being delivered: one batch ahead at most.
+        """
         key = self._key
         block = max(1, round(self._keepalive * 500))  # the server answers every keepalive / 2
         timeout = self._keepalive
@@ -616,7 +637,14 @@ class UsageRelay:
             # RESP3 answers {key: entries}; RESP2 [[key, entries]].
             entries = reply.get(key) if isinstance(reply, dict) else reply[0][1]
             if entries:
-                await self._deliver(entries)
+                await handoff.send(entries)
+                # Cancelled in the middle (the connection dropped), the batch may or may not
+                # have been taken: read again from the last id, the copies are recognized.
+                self._last_id = entries[-1][0]
+
+    async def _deliver_forever(self, batches: MemoryObjectReceiveStream[Sequence[Any]]) -> None:
+        async for entries in batches:
+            await self._deliver(entries)
 
     async def _deliver(self, entries: Sequence[Any]) -> None:
         """Hand the entries of one ``XREAD`` reply to the manager, in order."""
@@ -625,8 +653,7 @@ class UsageRelay:
         peers = self._peers
         types = self._types
         arrived = anyio.current_time()
-        for entry_id, fields in entries:
-            self._last_id = entry_id
+        for _entry_id, fields in entries:
             try:
                 publisher = fields[1]
                 if publisher == own and fields[0] == _PUBLISHER:
