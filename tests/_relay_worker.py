@@ -96,6 +96,9 @@ async def main(url: str, name: str, events: int, maxlen: int, total: int, pause:
                 "name": name,
                 "subscribers": {key: tally.report() for key, tally in tallies.items()},
                 "relay": attrs.asdict(relay.statistics()),
+                # For a failure's message: the last sequence number read of each publisher.
+                "peers": {peer.source: peer.seq for peer in relay._peers.values()},
+                "gone": len(relay._gone),
             }
             print(json.dumps(report), flush=True)
             group.cancel_scope.cancel()

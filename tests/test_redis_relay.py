@@ -362,6 +362,34 @@ class TestCounting:
         received = [u.usage_percent for u in fast.events]
         assert received == sorted(received)  # in the publisher's order
 
+    async def test_a_quiet_publishers_trimmed_tail_is_counted(self, redis_url: str) -> None:
+        # a publishes, then falls quiet; c publishes after it, so that a's last usages are
+        # trimmed while b's reader is held. a's next tick (every keepalive while idle) tells
+        # b where a stands, with no usage of a's to come.
+        async with (
+            ResourceManager() as a,
+            ResourceManager() as b,
+            ResourceManager() as c,
+        ):
+            relay_a = await a.relay(redis_url, source="a", maxlen=20, keepalive=0.2)
+            relay_b = await b.relay(redis_url, source="b", maxlen=20, keepalive=0.2)
+            relay_c = await c.relay(redis_url, source="c", maxlen=20, keepalive=0.2)
+            held = anyio.Event()
+            slow = Tally(b.subscribe(overflow="wait", buffer_size=1), pause=held)
+            async with anyio.create_task_group() as group:
+                group.start_soon(slow.run)
+                for n in range(300):
+                    await a.track_resource_usage("cpu", float(n))
+                await wait_for(lambda: relay_a.statistics().published == 300)
+                for n in range(300):
+                    await c.track_resource_usage("cpu", float(n))
+                await wait_for(lambda: relay_c.statistics().published == 300)
+                held.set()
+                await wait_for(lambda: slow.accounted == 600)
+                group.cancel_scope.cancel()
+        assert slow.by_source["a"] < 300  # a's tail was trimmed before b read it
+        assert relay_b.statistics().missed == slow.subscription.missed > 0
+
 
 class TestFaults:
     async def test_client_kill_of_every_relay_connection(self, redis_server: RedisServer) -> None:

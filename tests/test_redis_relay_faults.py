@@ -94,7 +94,10 @@ def check_exact(results: Sequence[dict[str, Any]]) -> None:
     for result in results:
         for name, figures in result["subscribers"].items():
             accounted = figures["received"] + figures["missed"]
-            assert accounted == total, (result["name"], name, figures, result["relay"])
+            if accounted != total:
+                pytest.fail(
+                    f"{result['name']}, {name}: {accounted} of {total}\n{json.dumps(result)}"
+                )
             for source, count in figures["by_source"].items():
                 assert count <= EVENTS, (result["name"], name, source, count)
 

@@ -107,6 +107,7 @@ _TYPE: Final = b"type"
 _USAGE: Final = b"usage"
 _TIME: Final = b"time"
 _BYE: Final = b"bye"
+_TICK: Final = b"tick"
 _SOURCE: Final = b"source"
 _HOST: Final = b"host"
 _SINCE: Final = b"since"
@@ -114,6 +115,8 @@ _SINCE: Final = b"since"
 _USAGE_FIELDS: Final = [_PUBLISHER, _SEQ, _TYPE, _USAGE, _TIME, _SOURCE, _HOST, _SINCE]
 #: A goodbye: ``publisher ID seq LAST bye 1 source S host H since X``.
 _BYE_FIELDS: Final = [_PUBLISHER, _SEQ, _BYE, _SOURCE, _HOST, _SINCE]
+#: Where an idle publisher stands: ``publisher ID seq LAST tick 1 source S host H since X``.
+_TICK_FIELDS: Final = [_PUBLISHER, _SEQ, _TICK, _SOURCE, _HOST, _SINCE]
 
 
 def _position(entry_id: bytes) -> tuple[int, int]:
@@ -393,6 +396,11 @@ class UsageRelay:
         return self._key
 
     @property
+    def server(self) -> str:
+        """The server's address (``host:port`` or the socket's path), without credentials."""
+        return str(self._client.connection_pool.location)
+
+    @property
     def connected(self) -> bool:
         """Whether the connections the relay needs (to publish, to receive) are up now."""
         return self._state == "running" and (
@@ -597,8 +605,8 @@ class UsageRelay:
                 if publisher in peers or publisher in self._gone or publisher == self._id:
                     continue  # only its latest entry counts
                 names = fields[0::2]
-                if names == _USAGE_FIELDS:
-                    peers[publisher] = _Peer(fields[11].decode(), int(fields[3]))
+                if names in (_USAGE_FIELDS, _TICK_FIELDS):
+                    peers[publisher] = _Peer(fields[-5].decode(), int(fields[3]))
                 elif names == _BYE_FIELDS:
                     self._forget(publisher)
             except (TypeError, ValueError, IndexError, AttributeError, UnicodeDecodeError):
@@ -660,9 +668,9 @@ class UsageRelay:
                     continue
                 names = fields[0::2]
                 if names == _USAGE_FIELDS:
-                    bye = False
-                elif names == _BYE_FIELDS:
-                    bye = True
+                    mark = None
+                elif names in (_TICK_FIELDS, _BYE_FIELDS):
+                    mark = names[2]
                 else:
                     self._ignored += 1
                     continue
@@ -672,8 +680,8 @@ class UsageRelay:
                     if publisher in self._gone:
                         self._duplicates += 1
                         continue
-                    peer = self._meet(publisher, fields, seq, bye)
-                if not bye:
+                    peer = self._meet(publisher, fields, seq, mark is not None)
+                if mark is None:
                     raw = fields[5]
                     name = types.get(raw)
                     if name is None:
@@ -687,8 +695,10 @@ class UsageRelay:
             except (TypeError, ValueError, IndexError, AttributeError, UnicodeDecodeError):
                 self._ignored += 1
                 continue
-            if bye:
-                self._part(publisher, peer, seq)
+            if mark is not None:
+                self._catch_up(peer, seq)
+                if mark == _BYE:
+                    self._part(publisher, peer)
                 continue
             if seq <= peer.seq:
                 self._duplicates += 1
@@ -703,8 +713,11 @@ class UsageRelay:
             if blocked is not None:
                 await manager._deliver_blocked(event, blocked)
 
-    def _meet(self, publisher: bytes, fields: list[Any], seq: int, bye: bool) -> _Peer:
-        """A publisher heard from for the first time: where does its count start?"""
+    def _meet(self, publisher: bytes, fields: list[Any], seq: int, marker: bool) -> _Peer:
+        """A publisher heard from for the first time: where does its count start?
+
+        ``marker``: the entry is a tick or a goodbye (``seq`` is its last usage), not a usage.
+        """
         if not isinstance(publisher, bytes):
             raise TypeError("the publisher's id is not a string")
         source = fields[-5].decode()
@@ -712,16 +725,20 @@ class UsageRelay:
         assert since is not None
         # One that started after this relay did: all of its usages are ours to count. One that
         # was running before: count from this one.
-        start = 0 if _position(fields[-1]) >= _position(since) else seq if bye else seq - 1
+        start = 0 if _position(fields[-1]) >= _position(since) else seq if marker else seq - 1
         peer = self._peers[publisher] = _Peer(source, start)
         return peer
 
-    def _part(self, publisher: bytes, peer: _Peer, last: int) -> None:
-        """A publisher's goodbye: count its last usages we did not get, and forget it."""
+    def _catch_up(self, peer: _Peer, last: int) -> None:
+        """A tick or goodbye says ``peer``'s last usage is ``last``: count what we did not get."""
         gap = last - peer.seq
         if gap > 0:
+            peer.seq = last
             self._missed += gap
             self._manager._count_missed(gap)
+
+    def _part(self, publisher: bytes, peer: _Peer) -> None:
+        """A publisher's goodbye: forget it (and its source's statistics, if it was the last)."""
         del self._peers[publisher]
         self._forget(publisher)
         if all(other.source != peer.source for other in self._peers.values()):
@@ -806,11 +823,17 @@ class UsageRelay:
         parker = Parker(self._manager._trio)
         while True:
             if not outbox:
+                # Idle. Once anything was published, say where this publisher stands every
+                # keepalive: a reader whose copy of the last usages was trimmed while it
+                # lagged learns what it missed without waiting for the next usage.
                 self._parker = parker
                 try:
-                    await parker.park()
+                    with anyio.move_on_after(self._keepalive if self._seq else _INFINITY):
+                        await parker.park()
                 finally:
                     self._parker = None
+                if not outbox:
+                    await self._send_marker(connection, _TICK)
                 continue
             # Let the tasks that are tracking right now add to the batch: a few checkpoints
             # while a lone usage waits, more while the queue keeps growing (a burst), for
@@ -868,6 +891,20 @@ class UsageRelay:
         self._published += len(inflight)
         inflight.clear()
 
+    async def _send_marker(
+        self, connection: coredis.connection.BaseConnection, mark: bytes
+    ) -> None:
+        """``XADD`` a tick or the goodbye: this publisher's last sequence number, no usage."""
+        since = self._since
+        assert since is not None
+        with anyio.fail_after(self._keepalive):
+            await connection.create_request(
+                b"XADD", self._key, b"MAXLEN", b"~", self._maxlen, b"*",
+                _PUBLISHER, self._id, _SEQ, self._seq, mark, b"1",
+                _SOURCE, self._source, _HOST, self._host, _SINCE, since,
+                decode=False,
+            )  # fmt: skip
+
     async def _farewell(self) -> None:
         """Stopping: send what is queued and the goodbye, within ``keepalive`` (shielded)."""
         self._manager._remove_publisher(self._hook)  # nothing more is queued
@@ -881,12 +918,7 @@ class UsageRelay:
                     self._script = await self._load_script(connection)
                     while self._outbox:
                         await self._send_batch(connection)
-                    await connection.create_request(
-                        b"XADD", self._key, b"MAXLEN", b"~", self._maxlen, b"*",
-                        _PUBLISHER, self._id, _SEQ, self._seq, _BYE, b"1",
-                        _SOURCE, self._source, _HOST, self._host, _SINCE, since,
-                        decode=False,
-                    )  # fmt: skip
+                    await self._send_marker(connection, _BYE)
             except Exception as exc:
                 _logger.info(
                     "usage relay %r: could not send its goodbye to %s (%s); %d usages unsent",
