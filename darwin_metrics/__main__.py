@@ -26,14 +26,25 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import TextIO, cast
+from typing import TYPE_CHECKING, TextIO, cast
 
 import anyio
 import attrs
 
 from . import __version__
+from ._errors import RedisUnavailableError, UsageRelayError
 from ._manager import ResourceManager
-from ._monitor import GuardedOutput, MonitorOptions, MonitorRun, render_view, run_monitor
+from ._monitor import (
+    GuardedOutput,
+    MonitorOptions,
+    MonitorRun,
+    fleet_view,
+    render_view,
+    run_monitor,
+)
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 __all__ = ["main"]
 
@@ -42,6 +53,7 @@ _INTERRUPTED = 128 + signal.SIGINT  # 130, as shells report it
 _SVG_WIDTH = 80
 _INSTALL_MONITOR = "pip install 'darwin-metrics[monitor]'"
 _INSTALL_SYSTEM = "pip install 'darwin-metrics[system]'"
+_INSTALL_REDIS = "pip install 'darwin-metrics[redis]'"
 
 
 def _seconds(text: str) -> float:
@@ -112,7 +124,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="PATH",
         help="on exit, also save the view as an SVG picture at PATH (checked at the start)",
     )
+    _add_redis_option(monitor)
     return parser, monitor
+
+
+def _add_redis_option(monitor: argparse.ArgumentParser) -> None:
+    monitor.add_argument(
+        "--redis",
+        metavar="URL",
+        help=(
+            "also publish this machine's usage to the Valkey/Redis server at URL "
+            "(redis://, rediss:// or unix://) and show every monitor's and relay's there: a "
+            "row per source and resource, or a 'source' field in each JSON line "
+            f"(needs coredis: {_INSTALL_REDIS})"
+        ),
+    )
+
+
+def _check_redis_url(monitor: argparse.ArgumentParser, url: str | None) -> str | None:
+    """Validate ``--redis``; exit with status 2 and a usage message if it is not a URL."""
+    if url is None:
+        return None
+    from ._redis._support import check_url  # no coredis needed to check a URL
+
+    try:
+        check_url(url)
+    except ValueError as error:
+        monitor.error(f"--redis: {error}")
+    return url
 
 
 def _importable(name: str) -> bool:
@@ -143,6 +182,7 @@ def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -
         backend=args.backend,
         json=use_json,
         save_svg=args.save_svg,
+        redis=_check_redis_url(monitor, args.redis),
     )
 
 
@@ -170,6 +210,8 @@ def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> Monitor
         return f"{_PROG} needs psutil to read this machine's usage: {_INSTALL_SYSTEM}"
     if options.save_svg is not None and not _importable("rich"):
         return f"{_PROG} --save-svg needs rich: {_INSTALL_MONITOR}"
+    if options.redis is not None and not _importable("coredis"):
+        return f"{_PROG} --redis needs coredis: {_INSTALL_REDIS}"
     return options
 
 
@@ -259,6 +301,39 @@ def _only(error: BaseException, kind: type[BaseException]) -> bool:
     )
 
 
+def _relay_error(error: BaseException) -> BaseException | None:
+    """The relay's error (unreachable server, refused key) in ``error``, if that is all."""
+    if isinstance(error, RedisUnavailableError | UsageRelayError):
+        return error
+    inner = getattr(error, "exceptions", None)  # an exception group: look inside
+    if isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
+        return _relay_error(inner[0])
+    return None
+
+
+def _final_view(
+    options: MonitorOptions,
+    manager: ResourceManager,
+    run: MonitorRun | None,
+    elapsed: float,
+    *,
+    final: bool = False,
+) -> RenderableType:
+    """The view printed on exit (and saved by ``--save-svg``): one source, or all of them."""
+    if run is not None and run.source is not None:
+        where = run.server or "redis"
+        return fleet_view(
+            manager,
+            run.source,
+            interval=options.interval,
+            elapsed=elapsed,
+            where=where,
+            final=final,
+        )
+    statistics = manager.usage_statistics()
+    return render_view(statistics, interval=options.interval, elapsed=elapsed, final=final)
+
+
 def _silence_stdout() -> None:
     """Point file descriptor 1 at /dev/null, so that the interpreter's last flush succeeds.
 
@@ -311,17 +386,19 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
             backend=options.backend,
         )
     except BaseException as error:
+        relay_error = _relay_error(error)
+        if relay_error is not None:  # --redis: the server cannot be reached, or refuses
+            out.flush()
+            print(f"{_PROG}: --redis: {relay_error}", file=sys.stderr)
+            return 1
         if not _only(error, KeyboardInterrupt):  # Ctrl-C before or after the signal receiver
             raise
         status = _INTERRUPTED
     if run is not None and run.signal is not None:
         status = 128 + run.signal
     elapsed = run.elapsed if run is not None else time.monotonic() - started
-    statistics = manager.usage_statistics()
     if console is not None:
-        console.print(
-            render_view(statistics, interval=options.interval, elapsed=elapsed, final=True)
-        )
+        console.print(_final_view(options, manager, run, elapsed, final=True))
     out.flush()
     if svg is not None:
         from rich.console import Console
@@ -330,7 +407,7 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
         recorder = Console(
             record=True, width=_SVG_WIDTH, file=io.StringIO(), color_system="truecolor"
         )
-        recorder.print(render_view(statistics, interval=options.interval, elapsed=elapsed))
+        recorder.print(_final_view(options, manager, run, elapsed))
         try:
             svg.save(recorder.export_svg(title="darwin-metrics monitor"))
         except OSError as error:
