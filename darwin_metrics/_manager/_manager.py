@@ -337,14 +337,21 @@ class ResourceManager:
                 continue
             return blocked
 
-    async def _deliver_blocked(self, event: ResourceUsage, blocked: list[Channel]) -> None:
+    async def _deliver_blocked(
+        self, event: ResourceUsage, blocked: list[Channel], *, withdraw: bool = True
+    ) -> None:
+        """Wait until every ``"wait"`` subscriber in ``blocked`` has room for ``event``.
+
+        Cancelled, it withdraws the event from those it did not reach, unless ``withdraw``
+        is false (see :meth:`Channel.deliver`).
+        """
         if len(blocked) == 1:
-            await blocked[0].deliver(event)
+            await blocked[0].deliver(event, withdraw)
             return
         # One task per subscriber, so one slow subscriber does not hold the others' backlogs.
         async with anyio.create_task_group() as task_group:
             for channel in blocked:
-                task_group.start_soon(channel.deliver, event)
+                task_group.start_soon(channel.deliver, event, withdraw)
 
     # ------------------------------------------------------------------ statistics
 

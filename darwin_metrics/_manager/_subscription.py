@@ -199,13 +199,15 @@ class Channel:
         if moved:
             self._signal_turn()
 
-    async def deliver(self, event: ResourceUsage) -> None:
+    async def deliver(self, event: ResourceUsage, withdraw: bool = True) -> None:
         """Wait until ``event`` has left the backlog for the subscriber's buffer.
 
         The subscriber moves backlog events into its buffer as it makes room. Checkpoint:
         yes. On cancellation, ``event`` is withdrawn from the backlog if it is still there
         (nothing is handed over while waiting, so a native cancellation cannot lose it
         half-way); if the subscriber took it just as the cancellation landed, it keeps it.
+        With ``withdraw=False`` a cancellation leaves it in the backlog, where the subscriber
+        gets it in its turn (a relay whose reading was interrupted: the event was accepted).
         Ends quietly when the subscription ended (the event joined what it can still read)
         or was closed (the subscriber left).
         """
@@ -217,7 +219,8 @@ class Channel:
                     turn = self.turn = anyio.Event()
                 await turn.wait()
         except BaseException:
-            remove_identical(backlog, event)
+            if withdraw:
+                remove_identical(backlog, event)
             raise
 
     def end(self) -> None:

@@ -70,7 +70,6 @@ if sys.version_info < (3, 11):
 if TYPE_CHECKING:
     import coredis
     import coredis.connection
-    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from .._manager._manager import ResourceManager
 
@@ -237,6 +236,7 @@ class UsageRelay:
 
     __slots__ = (
         "__weakref__",
+        "_busy",
         "_client",
         "_connects",
         "_disconnects",
@@ -357,6 +357,7 @@ class UsageRelay:
         self._outbox: deque[tuple[int, ResourceUsage]] = deque()
         self._inflight: list[tuple[int, ResourceUsage]] = []
         self._parker: Parker | None = None
+        self._busy = False  # usages were queued while the last batch was on its way
         # The bound method, made once: the manager tells its hooks apart by identity.
         self._hook = self._publish
         self._script: bytes | None = None  # the publishing script's SHA1, if the server has it
@@ -481,26 +482,22 @@ class UsageRelay:
     async def _run(self) -> None:
         try:
             with self._scope:
-                # Batches read, on their way to the delivering task (see _read_forever).
-                send, receive = anyio.create_memory_object_stream[Sequence[Any]]()
-                with send, receive:
-                    async with anyio.create_task_group() as group:
-                        try:
-                            # The first connection to come up reads the start position.
-                            if self._receive_enabled:
-                                group.start_soon(self._deliver_forever, receive)
-                                await group.start(self._read_loop, send)
-                            if self._publish_enabled:
-                                await group.start(self._publish_loop)
-                        except Exception as exc:
-                            self._error = exc
-                            group.cancel_scope.cancel()
-                            return
-                        if self._state == "starting":
-                            self._state = "running"
-                            if self._publish_enabled:
-                                self._manager._add_publisher(self._hook)
-                        self._ready.set()
+                async with anyio.create_task_group() as group:
+                    try:
+                        # The first connection to come up reads the start position.
+                        if self._receive_enabled:
+                            await group.start(self._read_loop)
+                        if self._publish_enabled:
+                            await group.start(self._publish_loop)
+                    except Exception as exc:
+                        self._error = exc
+                        group.cancel_scope.cancel()
+                        return
+                    if self._state == "starting":
+                        self._state = "running"
+                        if self._publish_enabled:
+                            self._manager._add_publisher(self._hook)
+                    self._ready.set()
         finally:
             self._manager._remove_publisher(self._hook)
             self._state = "stopped"
@@ -543,12 +540,7 @@ class UsageRelay:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    async def _read_loop(
-        self,
-        handoff: MemoryObjectSendStream[Sequence[Any]],
-        *,
-        task_status: anyio.abc.TaskStatus[None],
-    ) -> None:
+    async def _read_loop(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         delay = _BACKOFF_MIN
         started = False
         while True:
@@ -572,7 +564,7 @@ class UsageRelay:
                         started = True
                         task_status.started()
                     delay = _BACKOFF_MIN
-                    await self._read_forever(connection, handoff)
+                    await self._read_forever(connection)
             except Exception as exc:
                 if not started:
                     raise
@@ -612,18 +604,8 @@ class UsageRelay:
             except (TypeError, ValueError, IndexError, AttributeError, UnicodeDecodeError):
                 continue
 
-    async def _read_forever(
-        self,
-        connection: coredis.connection.BaseConnection,
-        handoff: MemoryObjectSendStream[Sequence[Any]],
-    ) -> None:
-        """Read batches of entries and hand them to the delivering task, one at a time.
-
-        Delivering happens in a task of its own, so that losing the connection never cancels
-        a delivery that waits for a ``"wait"`` subscriber (that subscriber would never get
-        the usage, and nobody would count it missed). Reading waits while the previous batch
-        is being delivered: one batch ahead at most.
-        """
+    async def _read_forever(self, connection: coredis.connection.BaseConnection) -> None:
+        """Read batches of entries and deliver each batch before reading the next."""
         key = self._key
         block = max(1, round(self._keepalive * 500))  # the server answers every keepalive / 2
         timeout = self._keepalive
@@ -645,23 +627,22 @@ class UsageRelay:
             # RESP3 answers {key: entries}; RESP2 [[key, entries]].
             entries = reply.get(key) if isinstance(reply, dict) else reply[0][1]
             if entries:
-                await handoff.send(entries)
-                # Cancelled in the middle (the connection dropped), the batch may or may not
-                # have been taken: read again from the last id, the copies are recognized.
-                self._last_id = entries[-1][0]
-
-    async def _deliver_forever(self, batches: MemoryObjectReceiveStream[Sequence[Any]]) -> None:
-        async for entries in batches:
-            await self._deliver(entries)
+                await self._deliver(entries)
 
     async def _deliver(self, entries: Sequence[Any]) -> None:
-        """Hand the entries of one ``XREAD`` reply to the manager, in order."""
+        """Hand the entries of one ``XREAD`` reply to the manager, in order.
+
+        A delivery that waits for room in a ``"wait"`` subscriber's buffer keeps the usage
+        reserved for it if the wait is cancelled (the connection dropped, the relay stops):
+        the subscriber gets it in its turn, and reading resumes after it.
+        """
         manager = self._manager
         own = self._id
         peers = self._peers
         types = self._types
         arrived = anyio.current_time()
-        for _entry_id, fields in entries:
+        for entry_id, fields in entries:
+            self._last_id = entry_id
             try:
                 publisher = fields[1]
                 if publisher == own and fields[0] == _PUBLISHER:
@@ -711,7 +692,7 @@ class UsageRelay:
             self._received += 1
             blocked = manager._receive_nowait(event)
             if blocked is not None:
-                await manager._deliver_blocked(event, blocked)
+                await manager._deliver_blocked(event, blocked, withdraw=False)
 
     def _meet(self, publisher: bytes, fields: list[Any], seq: int, marker: bool) -> _Peer:
         """A publisher heard from for the first time: where does its count start?
@@ -835,23 +816,26 @@ class UsageRelay:
                 if not outbox:
                     await self._send_marker(connection, _TICK)
                 continue
-            # Let the tasks that are tracking right now add to the batch: a few checkpoints
-            # while a lone usage waits, more while the queue keeps growing (a burst), for
-            # at most _GATHER seconds. Fewer, fuller batches: far fewer round trips. (Two
-            # looks in a row without growth, as trio may run this task first in a round.)
-            deadline = anyio.current_time() + _GATHER
-            size = len(outbox)
-            still = 0
-            while size < _BATCH and still < 2:
-                await checkpoint()
-                if len(outbox) == size:
-                    still += 1
-                else:
-                    still = 0
-                    size = len(outbox)
-                    if anyio.current_time() >= deadline:
-                        break
+            if self._busy:
+                # In a burst (usages were queued while the last batch was on its way): let
+                # the tasks that are tracking add to the batch while the queue keeps growing,
+                # for at most _GATHER seconds. Fewer, fuller batches: far fewer round trips.
+                # (Two looks in a row without growth: trio may run this task first in a
+                # round.) A lone usage goes at once.
+                deadline = anyio.current_time() + _GATHER
+                size = len(outbox)
+                still = 0
+                while size < _BATCH and still < 2:
+                    await checkpoint()
+                    if len(outbox) == size:
+                        still += 1
+                    else:
+                        still = 0
+                        size = len(outbox)
+                        if anyio.current_time() >= deadline:
+                            break
             await self._send_batch(connection)
+            self._busy = bool(outbox)
 
     async def _send_batch(self, connection: coredis.connection.BaseConnection) -> None:
         """Send up to a batch of queued usages and wait for the server's acknowledgements.
