@@ -190,7 +190,8 @@ class ResourceManager:
 
     @property
     def missed_events(self) -> int:
-        """Events dropped for ``"drop_oldest"`` subscribers whose buffer was full, in total.
+        """Events dropped for ``"drop_oldest"`` subscribers whose buffer was full, and relayed
+        usages that could not be read (once per open subscription), in total.
 
         The sum of every subscription's :attr:`Subscription.missed`, closed ones included:
         it only grows (a counter, for export).

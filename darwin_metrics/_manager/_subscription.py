@@ -372,11 +372,13 @@ class Subscription:
 
     @property
     def missed(self) -> int:
-        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``).
+        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``),
+        plus the usages of other processes that the manager's relay could not read.
 
-        ``received + missed`` equals the number of events tracked while it was open. A
-        ``"wait"`` subscriber loses no event this way; an event that a timed-out or cancelled
-        tracking call could not deliver to it is not counted (that call raised).
+        ``received + missed`` equals the number of events tracked while it was open, plus
+        those other processes published meanwhile (see ``ResourceManager.relay``). A
+        ``"wait"`` subscriber loses no event to its buffer; an event that a timed-out or
+        cancelled tracking call could not deliver to it is not counted (that call raised).
         """
         return self._channel.missed
 

@@ -5,28 +5,33 @@ How it works:
 
 - **Publishing.** The manager calls the relay's hook with every usage it tracks (synchronously,
   in the tracking call); the hook numbers it (a per-relay sequence, from 1) and queues it. A
-  publisher task sends what is queued, as pipelined ``XADD prefix:usage MAXLEN ~ N * ...``
-  commands on a connection of its own, and forgets the usages only once the server
-  acknowledged them. If the connection fails, the batch is sent again on a new one: a usage
-  may then be in the stream twice, which readers recognize by its sequence number.
+  publisher task sends what is queued on a connection of its own, in pipelined calls of a
+  small Lua script that runs one ``XADD prefix:usage MAXLEN ~ N * ...`` per usage (plain
+  ``XADD`` commands if the server refuses scripts), and forgets the usages only once the
+  server acknowledged them. If the connection fails, the batch is sent again on a new one: a
+  usage may then be in the stream twice, which readers recognize by its sequence number.
+  While idle, it appends a *tick* (its last sequence number, no usage) every ``keepalive``.
 - **Receiving.** A reader task on another connection runs ``XREAD BLOCK`` from the last entry
   it read, skips its own relay's entries, and hands each other entry to the manager, which
   sends it to the subscribers as tracking does (the same overflow policies) and records it in
-  the statistics of its source. After a reconnection it resumes from its last entry; if the
-  stream is behind that entry (the server restarted empty, or the key was deleted) it reads
-  the stream from its start, and the sequence numbers filter what it had already delivered.
+  the statistics of its source. A ``"wait"`` subscriber without room makes it wait; if that
+  wait is cancelled (the connection dropped, the relay stops) the usage stays reserved for
+  that subscriber. After a reconnection it resumes from its last entry; if the stream is
+  behind that entry (the server restarted empty, or the key was deleted) it reads the stream
+  from its start, and the sequence numbers filter what it had already delivered.
 - **Counting what was lost.** Each publisher's entries carry consecutive sequence numbers, so
   a reader knows how many it did not get (trimmed by ``MAXLEN`` while it lagged, lost by a
   server restart, dropped by a publisher whose queue overflowed while the server was down):
   the gap, counted as ``missed`` by every subscription. The server's own lag figures are not
-  used (Redis 7.0 and Valkey 9 report them differently after trimming). When a relay stops it
-  sends what is still queued and a goodbye carrying its last sequence number, so the usages
-  lost at the very end are counted too.
+  used (Redis 7.0 and Valkey 9 report them differently after trimming). A gap at the end of
+  a burst shows at the publisher's next usage, its next tick, or its goodbye: when a relay
+  stops it sends what is still queued and a goodbye carrying its last sequence number.
 - **Where counting starts.** A relay reads from the end of the stream as it was when it
   started (its *start position*); every entry carries its publisher's start position. A
-  publisher that started at or after the reader is counted from its first usage; one that
-  started before is counted from the first of its usages the reader gets (the reader cannot
-  tell which of its earlier usages came after its own start).
+  publisher that started at or after the reader is counted from its first usage. For one
+  already running, the reader reads the stream's latest entries before its start position
+  (up to 1,000) to learn where each stood; one not found there is counted from the first of
+  its entries the reader gets.
 
 Everything that changes the relay's state between two awaits is synchronous, so a native
 asyncio cancellation at any await leaves it consistent.
@@ -222,13 +227,16 @@ class UsageRelay:
     publishers interleave as the server received them. A usage that a reader could not read
     (trimmed by ``MAXLEN ~`` while it lagged by more than about ``maxlen`` entries, lost by a
     server restart, dropped by its publisher) is counted in the ``missed`` of every
-    subscription open when the reader notices the gap, so for each subscriber ``received +
-    missed`` equals what was published while it was subscribed. Exceptions: a publisher
-    that started before this relay is counted from the first of its usages this relay reads;
-    the usages of a publisher that stopped without its goodbye (it was killed) after the
-    last one read are not counted; a ``"wait"`` subscriber whose buffer is full makes the
-    reader wait, so the stream may be trimmed meanwhile (the trimmed usages count as
-    missed, for every subscriber). A usage's trip takes about a millisecond on one host.
+    subscription open when the reader notices the gap, at the publisher's next entry (a
+    usage, a tick within ``keepalive`` while it is idle, or its goodbye); so for each
+    subscriber ``received + missed`` equals what was published while it was subscribed.
+    Exceptions: a publisher already running when this relay started and not among the
+    stream's last 1,000 entries then is counted from the first of its entries this relay
+    reads; the usages of a publisher that was killed (no goodbye, no more ticks) after the
+    last entry of it that was read are not counted. A ``"wait"`` subscriber whose buffer is
+    full makes the reader wait, so the stream may be trimmed meanwhile: the trimmed usages
+    count as missed, for every subscriber. A usage's trip takes under a millisecond on one
+    host (``benchmarks/RESULTS.md``).
 
     The relay's own connections are ``darwin-metrics-relay-publisher`` and
     ``darwin-metrics-relay-reader`` in ``CLIENT LIST``.
