@@ -6,9 +6,10 @@ standard output is not a terminal. See ``darwin-metrics monitor --help``.
 
 Exit status: 0 when done (also when the reader of a pipe went away, as with ``| head``), 1
 when a dependency is missing, standard output cannot be written or the ``--redis`` server
-cannot be reached (a one-line message says which), 2 for a usage error (including no command and a ``--save-svg`` path that cannot be
-written), 130 after Ctrl-C (SIGINT) and 143 after SIGTERM (``timeout``, ``kill``): 128 plus the
-signal's number, as shells report a process that a signal ended.
+cannot be reached (a one-line message says which), 2 for a usage error (including no command
+and a ``--save-svg`` path that cannot be written), 130 after Ctrl-C (SIGINT) and 143 after
+SIGTERM (``timeout``, ``kill``): 128 plus the signal's number, as shells report a process
+that a signal ended.
 """
 
 from __future__ import annotations

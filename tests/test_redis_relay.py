@@ -462,6 +462,25 @@ class TestFaults:
         assert {float(n) for n in range(501, published)} <= set(received)
         assert relay_b.statistics().disconnects >= 1
 
+    async def test_a_full_queue_drops_the_oldest_and_the_peer_counts_them(
+        self, redis_server: RedisServer
+    ) -> None:
+        async with pair(redis_server.url, keepalive=0.3, max_pending=5) as (a, b, relay_a, _):
+            sub = b.subscribe()
+            await a.track_resource_usage("cpu", 0.0)
+            await wait_for(lambda: sub.buffered == 1)
+            await anyio.to_thread.run_sync(redis_server.stop)
+            await wait_for(lambda: not relay_a.connected)
+            for n in range(1, 21):  # the server is away: 5 are kept, the 15 oldest dropped
+                await a.track_resource_usage("cpu", float(n))
+            assert relay_a.statistics().dropped == 15
+            assert relay_a.statistics().pending == 5
+            await anyio.to_thread.run_sync(redis_server.start)
+            await wait_for(lambda: sub.buffered == 6)
+            assert [u.usage_percent for u in sub.drain()] == [0.0, 16.0, 17.0, 18.0, 19.0, 20.0]
+            assert sub.missed == 15
+            assert relay_a.statistics().pending == 0
+
     async def test_a_silent_server_is_given_up_and_reconnected(
         self, redis_server: RedisServer
     ) -> None:
@@ -514,6 +533,15 @@ class TestBadInput:
         async with ResourceManager() as manager:
             with pytest.raises(ValueError, match="decode_responses=False"):
                 await manager.relay(coredis.Redis.from_url(redis_url, decode_responses=True))
+
+    async def test_one_relay_per_manager(self, redis_url: str) -> None:
+        async with ResourceManager() as manager:
+            relay = await manager.relay(redis_url)
+            with pytest.raises(RuntimeError, match="already relays"):
+                await manager.relay(redis_url, prefix="other:")
+            await relay.aclose()
+            again = await manager.relay(redis_url)  # once it stopped, another may start
+            assert again.running
 
     async def test_outside_the_manager(self, redis_url: str) -> None:
         with pytest.raises(RuntimeError, match="inside 'async with manager:'"):

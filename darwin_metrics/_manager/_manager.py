@@ -513,7 +513,8 @@ class ResourceManager:
             from the end of the stream as it was when the call was made.
 
         Raises:
-            RuntimeError: Called outside ``async with manager:``.
+            RuntimeError: Called outside ``async with manager:``, or while another relay of
+                this manager runs (one at a time).
             TypeError: An argument has the wrong type.
             ValueError: A bad URL, an empty prefix or source, a ``maxlen``, ``max_pending``
                 or ``keepalive`` out of range, or ``publish`` and ``receive`` both false.

@@ -46,6 +46,7 @@ import random
 import secrets
 import socket
 import sys
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
@@ -103,6 +104,10 @@ _PER_SCRIPT: Final = 100
 #: Resource type names decoded once and kept, at most.
 _TYPES_MAX: Final = 10_000
 _INFINITY: Final = float("inf")
+
+#: The relay of each manager that has one running (one at a time: two relays of one manager on
+#: one stream would deliver each other's usages, the manager's own, back to it).
+_relays: weakref.WeakKeyDictionary[ResourceManager, UsageRelay] = weakref.WeakKeyDictionary()
 
 # The fields of an entry, in the order the relay writes them (the publishing script too).
 _PUBLISHER: Final = b"publisher"
@@ -508,6 +513,8 @@ class UsageRelay:
                     self._ready.set()
         finally:
             self._manager._remove_publisher(self._hook)
+            if _relays.get(self._manager) is self:
+                del _relays[self._manager]
             self._state = "stopped"
             self._reader_up = self._publisher_up = False
             self._ready.set()
@@ -962,6 +969,14 @@ async def start_relay(
     """Make a relay, start it in ``task_group`` and return it once it runs (see
     :meth:`ResourceManager.relay`)."""
     relay = UsageRelay(manager, redis, **options)
+    running = _relays.get(manager)
+    # One that is stopping publishes and delivers nothing more: it does not count.
+    if running is not None and running._state in ("starting", "running"):
+        raise RuntimeError(
+            f"this manager already relays ({running!r}): one relay per manager; stop it "
+            "first (await relay.aclose())"
+        )
+    _relays[manager] = relay
     task_group.start_soon(relay._run, name=f"darwin-metrics usage relay {relay.source!r}")
     try:
         await relay._ready.wait()
