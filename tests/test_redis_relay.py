@@ -498,36 +498,36 @@ class TestFaults:
             assert sub.missed == 0
 
 
+BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"redis": "http://x"}, ValueError, "must start with redis://"),
+    ({"redis": "redis://:notaport"}, ValueError, "not a valid Valkey/Redis URL"),
+    ({"redis": 42}, TypeError, "redis must be a URL or a coredis.Redis"),
+    ({"prefix": ""}, ValueError, "prefix must not be empty"),
+    ({"prefix": 3}, TypeError, "prefix must be str or bytes"),
+    ({"source": ""}, ValueError, "source must not be empty"),
+    ({"source": b"x"}, TypeError, "source must be a str or None"),
+    ({"maxlen": 0}, ValueError, "maxlen must be at least 1"),
+    ({"maxlen": 1.5}, TypeError, "maxlen must be an int"),
+    ({"maxlen": True}, TypeError, "maxlen must be an int"),
+    ({"max_pending": -1}, ValueError, "max_pending must be at least 1"),
+    ({"publish": 1}, TypeError, "publish must be a bool"),
+    ({"publish": False, "receive": False}, ValueError, "neither publishes nor receives"),
+    ({"keepalive": 0}, ValueError, "keepalive must be a positive"),
+    ({"keepalive": "1"}, TypeError, "keepalive must be a number of seconds"),
+]
+
+
 class TestBadInput:
-    @pytest.mark.parametrize(
-        ("options", "error", "match"),
-        [
-            ({"redis": "http://x"}, ValueError, "must start with redis://"),
-            ({"redis": "redis://:notaport"}, ValueError, "not a valid Valkey/Redis URL"),
-            ({"redis": 42}, TypeError, "redis must be a URL or a coredis.Redis"),
-            ({"prefix": ""}, ValueError, "prefix must not be empty"),
-            ({"prefix": 3}, TypeError, "prefix must be str or bytes"),
-            ({"source": ""}, ValueError, "source must not be empty"),
-            ({"source": b"x"}, TypeError, "source must be a str or None"),
-            ({"maxlen": 0}, ValueError, "maxlen must be at least 1"),
-            ({"maxlen": 1.5}, TypeError, "maxlen must be an int"),
-            ({"maxlen": True}, TypeError, "maxlen must be an int"),
-            ({"max_pending": -1}, ValueError, "max_pending must be at least 1"),
-            ({"publish": 1}, TypeError, "publish must be a bool"),
-            ({"publish": False, "receive": False}, ValueError, "neither publishes nor receives"),
-            ({"keepalive": 0}, ValueError, "keepalive must be a positive"),
-            ({"keepalive": "1"}, TypeError, "keepalive must be a number of seconds"),
-        ],
-    )
-    async def test_bad_arguments(
-        self, redis_url: str, options: dict[str, Any], error: type[Exception], match: str
-    ) -> None:
-        options = {"redis": redis_url, **options}
+    async def test_bad_arguments(self, redis_url: str) -> None:
         async with ResourceManager() as manager:
-            with pytest.raises(error, match=match):
-                await manager.relay(options.pop("redis"), **options)
-            assert manager._publishers == ()
+            for bad, error, match in BAD_ARGUMENTS:
+                options = {"redis": redis_url, **bad}
+                with pytest.raises(error, match=match):
+                    await manager.relay(options.pop("redis"), **options)
+                assert manager._publishers == (), bad
             await manager.track_resource_usage("cpu", 1.0)  # still works
+            relay = await manager.relay(redis_url)  # and so does a good relay
+            assert relay.running
 
     async def test_a_client_that_decodes(self, redis_url: str) -> None:
         async with ResourceManager() as manager:
