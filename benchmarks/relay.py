@@ -11,6 +11,10 @@ looping on ``XREAD COUNT 1000 BLOCK 500`` from its last id.
   the usage (``a`` and ``b`` relaying both ways, as deployed), one usage at a time; p50 and
   p99 (goals ≤ 1 ms and ≤ 3 ms). The anchor: from sending one ``XADD`` to the reader holding
   the entry. Samples of the two alternate.
+- The same latency across processes: ``b`` and the raw reader in a process of their own
+  (``benchmarks/_relay_peer.py``), which measures each arrival against the publisher's time
+  stamp (the usage's ``wall_time``; the raw entry's own field): both read the system clock.
+  Closer to a deployment, where publisher and reader do not share an interpreter.
 - Throughput: usages per second from a tracking loop in ``a`` (publishing only) to ``b``'s
   subscriber (receiving only: two connections, as the anchor has), against the anchor
   writing and reading the same number of entries (goal ≥ 0.9x). Interleaved rounds.
@@ -18,18 +22,22 @@ looping on ``XREAD COUNT 1000 BLOCK 500`` from its last id.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import coredis
+from anyio.abc import ByteReceiveStream
 
 from darwin_metrics._redis._relay import _connected
 from darwin_metrics.resource import ResourceManager
 
 from ._harness import Config, Goal, Row, ainterleave, compare
 
+ROOT = Path(__file__).resolve().parent.parent
 MAXLEN = 1_000_000  # no trimming while measuring
 FIELDS = (b"publisher", b"0123456789abcdef", b"seq")
 TAIL = (b"source", b"bench-host/1", b"host", b"bench-host", b"since", b"0-0")
@@ -129,6 +137,71 @@ async def _latency_rows(config: Config, backend: str, url: str) -> list[Row]:
     return rows
 
 
+class _Lines:
+    """Lines from a process's output, one at a time."""
+
+    def __init__(self, stream: ByteReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def next(self) -> str:
+        while b"\n" not in self.buffer:
+            self.buffer += await self.stream.receive()
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line.decode().strip()
+
+
+async def _cross_process_rows(config: Config, backend: str, url: str) -> list[Row]:
+    samples = 200 if config.quick else 2000
+    ours: list[float] = []
+    theirs: list[float] = []
+    client = coredis.Redis.from_url(url)
+    prefix, raw_key = "bench:peer:", b"bench:raw-peer"
+    command = [sys.executable, "-m", "benchmarks._relay_peer", url, backend, prefix, raw_key]
+    async with (
+        await anyio.open_process(command, cwd=ROOT) as peer,
+        ResourceManager() as a,
+        _connected(client, "bench-writer", 5) as writer,
+    ):
+        assert peer.stdout is not None
+        assert peer.stdin is not None
+        lines = _Lines(peer.stdout)
+        with anyio.fail_after(60):
+            assert await lines.next() == "ready"
+            await a.relay(url, prefix=prefix, source="a")
+            for n in range(samples + 20):  # the first 20 warm up
+                await a.track_resource_usage("cpu", 1.0)
+                kind, mine = (await lines.next()).split()
+                assert kind == "relay"
+                await writer.create_request(
+                    b"XADD", raw_key, b"*", b"t", repr(time.time()), decode=False
+                )
+                kind, anchor = (await lines.next()).split()
+                assert kind == "raw"
+                if n >= 20:
+                    ours.append(float(mine))
+                    theirs.append(float(anchor))
+        await peer.stdin.aclose()
+    note = f"{samples} usages one at a time, received in another process"
+    rows = []
+    for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+        mine_p, raw_p = _percentile(ours, fraction), _percentile(theirs, fraction)
+        rows.append(
+            Row(
+                "redis",
+                f"relay one-way latency across processes, {label}",
+                backend,
+                "s/op",
+                "raw XADD -> XREAD",
+                mine_p,
+                raw_p,
+                mine_p / raw_p if raw_p else None,
+                note=note,
+            )
+        )
+    return rows
+
+
 async def _ours_throughput(url: str, usages: int, prefix: str) -> float:
     async with ResourceManager() as a, ResourceManager() as b:
         await a.relay(url, prefix=prefix, source="a", receive=False, maxlen=MAXLEN)
@@ -210,5 +283,6 @@ async def _throughput_rows(config: Config, backend: str, url: str) -> list[Row]:
 
 async def rows(config: Config, backend: str, url: str) -> list[Row]:
     out = await _latency_rows(config, backend, url)
+    out += await _cross_process_rows(config, backend, url)
     out += await _throughput_rows(config, backend, url)
     return out
