@@ -560,6 +560,10 @@ class TestBadInput:
             async with ResourceManager() as manager:
                 with pytest.raises(RedisUnavailableError, match="Authentication"):
                     await manager.relay(server.url)
+                with pytest.raises(RedisUnavailableError) as raised:
+                    await manager.relay(f"unix://:wrong@{server.socket_path}")
+                assert "wrong" not in str(raised.value)  # no password in messages
+                assert "unix://:***@/" in str(raised.value)
                 relay = await manager.relay(f"unix://:sekrit@{server.socket_path}")
                 assert relay.connected  # with the password, it connects
 

@@ -51,6 +51,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, final
+from urllib.parse import urlparse, urlunparse
 
 import anyio
 import anyio.abc
@@ -311,7 +312,7 @@ class UsageRelay:
             self._client: coredis.Redis[bytes] = library.Redis.from_url(
                 redis, decode_responses=False
             )
-            self._where = redis
+            self._where = _without_password(redis)
         else:
             library = import_coredis()
             if isinstance(redis, library.RedisCluster):
@@ -927,6 +928,16 @@ class UsageRelay:
                     len(self._outbox) + len(self._inflight),
                 )
         self._requeue()
+
+
+def _without_password(url: str) -> str:
+    """``url`` for messages and logs: a password in it is replaced by ``***``."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.rpartition("@")[2]
+    user = parsed.username or ""
+    return urlunparse(parsed._replace(netloc=f"{user}:***@{netloc}"))
 
 
 def _positive_int(name: str, value: object) -> int:
