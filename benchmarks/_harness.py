@@ -266,6 +266,8 @@ class Config:
     zipf_length: int
     zipf_seeds: int
     memory_entries: int
+    stampede_callers: int
+    stampede_repeats: int
 
     @classmethod
     def make(cls, quick: bool) -> Config:
@@ -284,6 +286,8 @@ class Config:
                 zipf_length=100_000,
                 zipf_seeds=1,
                 memory_entries=30_000,
+                stampede_callers=200,
+                stampede_repeats=1,
             )
         return cls(
             quick=False,
@@ -299,4 +303,6 @@ class Config:
             zipf_length=500_000,
             zipf_seeds=2,
             memory_entries=100_000,
+            stampede_callers=1_000,
+            stampede_repeats=5,
         )

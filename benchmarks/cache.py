@@ -385,4 +385,12 @@ def hit_ratio_rows(config: Config) -> list[Row]:
 
 
 def rows(config: Config) -> list[Row]:
-    return micro_rows(config) + memory_rows(config) + thread_rows(config) + hit_ratio_rows(config)
+    from .cached import weighted_rows
+
+    return (
+        micro_rows(config)
+        + memory_rows(config)
+        + thread_rows(config)
+        + hit_ratio_rows(config)
+        + weighted_rows(config)
+    )

@@ -15,9 +15,12 @@ __all__ = [
     "PoolEmptyError",
     "PoolError",
     "PoolFullError",
+    "PoolOverloadedError",
+    "PoolPausedError",
     "PoolTimeoutError",
     "RedisCacheError",
     "RedisUnavailableError",
+    "ResourceCheckError",
     "SerializationError",
     "TrackingTimeoutError",
     "UsageRelayError",
@@ -54,6 +57,28 @@ class PoolClosedError(PoolError, anyio.ClosedResourceError):
 
 class PoolTimeoutError(PoolError, TimeoutError):
     """No resource became available within the ``timeout`` given to acquire or lease."""
+
+
+class PoolOverloadedError(PoolError):
+    """An acquisition would have made more tasks wait than the pool's ``max_waiting``.
+
+    Nothing was acquired and nothing waits: the caller can shed the load (answer "busy",
+    retry later) instead of queueing for ever.
+    """
+
+
+class PoolPausedError(PoolError):
+    """The pool was paused with ``pause(reject=True)``: acquisitions fail until ``resume()``.
+
+    Leases already out keep working and can be given back.
+    """
+
+
+class ResourceCheckError(PoolError):
+    """A resource the factory had just made failed ``check`` (with ``check_on_create``).
+
+    It was disposed, and counted as a factory error; nothing was acquired.
+    """
 
 
 class TrackingTimeoutError(DarwinMetricsError, TimeoutError):

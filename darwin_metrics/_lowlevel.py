@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -37,8 +39,14 @@ __all__ = [
     "HookTimeoutError",
     "Parker",
     "current_loop",
+    "duration_clock",
+    "get_running_loop",
     "is_interrupt",
     "run_protected",
+    "running_loop_or_none",
+    "trio_checkpoint",
+    "trio_clock",
+    "trio_token",
     "wrong_loop_error",
 ]
 
@@ -267,3 +275,43 @@ def _trio_token() -> object:
     if _trio_lowlevel is None:
         raise RuntimeError("trio is not installed")
     return _trio_lowlevel.current_trio_token()
+
+
+# The backends' own checkpoint, clock and loop identity, for hot paths that resolve them once
+# (anyio looks the running backend up on every call).
+get_running_loop = asyncio.get_running_loop
+if TYPE_CHECKING:
+    trio_checkpoint = anyio.lowlevel.checkpoint
+
+    def trio_token() -> object: ...
+    def trio_clock() -> Any: ...
+else:
+    try:
+        from trio.lowlevel import checkpoint as trio_checkpoint
+        from trio.lowlevel import current_clock as trio_clock
+        from trio.lowlevel import current_trio_token as trio_token
+    except ImportError:  # pragma: no cover - trio is optional; nothing calls these without it
+        trio_checkpoint = anyio.lowlevel.checkpoint
+        trio_clock = None
+        trio_token = _trio_token
+
+
+def duration_clock(on_trio: bool) -> Callable[[], float]:
+    """A clock for measuring durations in the running event loop, as cheap as it can be.
+
+    It runs at the loop's rate (virtual time under a test clock) but may have another origin:
+    only differences between its readings mean anything. On a stock asyncio loop that is
+    :func:`time.monotonic` itself (what ``loop.time()`` returns, without the method call); on
+    trio's own clock :func:`time.perf_counter` (its ``current_time()`` adds a fixed offset).
+    Any other clock (looptime, trio's ``MockClock``, uvloop) is used as it is.
+    """
+    if on_trio:
+        clock = trio_clock()
+        if type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio."):
+            return time.perf_counter
+        current_time: Callable[[], float] = clock.current_time
+        return current_time
+    loop = asyncio.get_running_loop()
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time

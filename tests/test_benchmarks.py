@@ -63,6 +63,16 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     ):
         assert expected in names
     assert any(name.startswith("hit ratio") for name in names)
+    assert any(name.startswith("hit ratio") and "max_weight" in name for name in names)
+    assert "@cached hit, 1k int keys" in names
+    assert any(name.startswith("stampede") and name.endswith("loads") for name in names)
+    decorated = {
+        (row["backend"], row["anchor"]) for row in rows if row["name"].startswith("@cached")
+    }
+    assert {("asyncio", "get + coroutine"), ("trio", "get + coroutine")} <= decorated
+    for row in rows:
+        if row["name"].startswith("stampede") and row["name"].endswith("loads"):
+            assert row["ours"] == 1.0, row  # single flight: one load, whatever the machine
     assert any(name.startswith("memory per entry") for name in names)
     assert any(name.startswith("two threads") for name in names)
     assert any(name.startswith("contended") for name in names)

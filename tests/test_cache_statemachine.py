@@ -4,7 +4,9 @@
 step by the ``on_evict`` reports: what ``get`` returns, that every report is legal (right
 value, right cause at the right time), that ``len`` and ``statistics()`` agree with the model.
 ``SieveMachine`` checks, without expiry, that the entries evicted are those that a textbook
-SIEVE evicts.
+SIEVE evicts; ``WeightedSieveMachine`` does the same with weights (evict until the new entry
+fits) and checks the weight in the statistics. ``CacheMachine`` also covers the mapping face
+and ``set_many``/``get_many``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -44,6 +47,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.values = itertools.count()
         self.model: dict[str, tuple[int, float]] = {}
         self.hits = self.misses = self.sets = self.evictions = self.expirations = 0
+        self.removals = self.replacements = self.loads = 0
         self.cache: Cache[str, int] = Cache(TTL)
         self.maxsize: int | None = None
 
@@ -73,6 +77,10 @@ class CacheMachine(RuleBasedStateMachine):
                 self.expirations += 1
             elif cause is EvictionCause.SIZE:
                 self.evictions += 1
+            elif cause is EvictionCause.REMOVED:
+                self.removals += 1
+            else:
+                self.replacements += 1
             taken.append((key, cause))
         self.reports.clear()
         return taken
@@ -148,6 +156,7 @@ class CacheMachine(RuleBasedStateMachine):
         if expected is None:
             self.misses += 1
             self.sets += 1
+            self.loads += 1
             assert made == [result]
             self.model[key] = (result, self.clock.now + TTL)
         else:
@@ -180,22 +189,110 @@ class CacheMachine(RuleBasedStateMachine):
         self.take_reports("clear")
         assert self.model == {}
 
+    @rule(key=KEYS)
+    def getitem(self, key: str) -> None:
+        expected = self.model[key][0] if self.live(key) else None
+        was_held = key in self.model
+        if expected is None:
+            with pytest.raises(KeyError):
+                self.cache[key]
+            self.misses += 1
+        else:
+            assert self.cache[key] == expected
+            self.hits += 1
+        taken = self.take_reports("getitem")
+        assert taken == ([(key, EvictionCause.EXPIRED)] if was_held and expected is None else [])
+
+    @rule(key=KEYS, use_del=st.booleans())
+    def pop(self, key: str, use_del: bool) -> None:
+        expected = self.model[key][0] if self.live(key) else None
+        was_held = key in self.model
+        if use_del:
+            if expected is None:
+                with pytest.raises(KeyError):
+                    del self.cache[key]
+            else:
+                del self.cache[key]
+        else:
+            assert self.cache.pop(key, None) == expected
+        taken = self.take_reports("pop")
+        if was_held:
+            cause = EvictionCause.REMOVED if expected is not None else EvictionCause.EXPIRED
+            assert taken == [(key, cause)]
+        else:
+            assert taken == []
+
+    @rule(keys=st.lists(KEYS, unique=True, max_size=4), ttl=st.sampled_from([None, 1.0, 5.0]))
+    def set_many(self, keys: list[str], ttl: float | None) -> None:
+        batch = {key: next(self.values) for key in keys}
+        self.cache.set_many(batch, ttl=ttl)
+        self.sets += len(batch)
+        evicted_from_batch = set()
+        for key, value, cause in self.reports:
+            if key in self.model and self.model[key][0] == value:
+                _, expires = self.model.pop(key)
+                expired = expires <= self.clock.now
+                assert expired == (cause is EvictionCause.EXPIRED), ("set_many", key, cause)
+                if cause is EvictionCause.EXPIRED:
+                    self.expirations += 1
+                elif cause is EvictionCause.SIZE:
+                    self.evictions += 1
+                else:
+                    assert cause is EvictionCause.REPLACED
+                    self.replacements += 1
+            else:
+                # A value of this very batch, evicted to make room for a later one.
+                assert batch.get(key) == value, ("set_many", key, value, cause)
+                assert cause is EvictionCause.SIZE
+                self.evictions += 1
+                evicted_from_batch.add(key)
+        self.reports.clear()
+        expires = self.clock.now + (TTL if ttl is None else ttl)
+        for key, value in batch.items():
+            if key not in evicted_from_batch:
+                self.model[key] = (value, expires)
+
+    @rule(keys=st.lists(KEYS, max_size=5))
+    def get_many(self, keys: list[str]) -> None:
+        expected = {key: self.model[key][0] for key in keys if self.live(key)}
+        assert self.cache.get_many(keys) == expected
+        self.hits += sum(key in expected for key in keys)
+        self.misses += sum(key not in expected for key in keys)
+        self.take_reports("get_many")
+
     @invariant()
     def agrees_with_the_model(self) -> None:
         assert len(self.cache) == len(self.model)
         if self.maxsize is not None:
             assert len(self.cache) <= self.maxsize
         lookups = self.hits + self.misses
-        assert self.cache.statistics() == CacheStatistics(
+        stats = self.cache.statistics()
+        assert stats == CacheStatistics(
             hits=self.hits,
             misses=self.misses,
             sets=self.sets,
             evictions=self.evictions,
             expirations=self.expirations,
+            removals=self.removals,
+            replacements=self.replacements,
+            loads=self.loads,
+            load_failures=0,
+            joined=0,
+            refreshes=0,
+            refresh_failures=0,
+            stale_served=0,
+            load_duration=stats.load_duration,
             size=len(self.model),
             maxsize=self.maxsize,
+            weight=len(self.model),
+            max_weight=None,
             hit_ratio=self.hits / lookups if lookups else 0.0,
         )
+        assert stats.load_duration.count == self.loads
+        live = {key: value for key, (value, _) in self.model.items() if self.live(key)}
+        assert sorted(self.cache.items()) == sorted(live.items())
+        assert sorted(self.cache.keys()) == sorted(self.cache) == sorted(live)
+        assert sorted(self.cache.values()) == sorted(live.values())
 
 
 class ReferenceSieve:
@@ -235,6 +332,50 @@ class ReferenceSieve:
                 break
         self.queue.append([key, False])
         return evicted
+
+
+class WeightedReferenceSieve(ReferenceSieve):
+    """The same SIEVE, evicting until the total weight fits; a replaced key is passed over."""
+
+    def __init__(self, max_weight: int) -> None:
+        super().__init__(maxsize=1 << 30)
+        self.max_weight = max_weight
+        self.weights: dict[str, int] = {}
+
+    def _evict(self, protect: str | None) -> str:
+        while True:
+            if self.hand >= len(self.queue):
+                self.hand = 0
+            entry = self.queue[self.hand]
+            if entry[0] == protect:
+                self.hand += 1
+                continue
+            if entry[1]:
+                entry[1] = False
+                self.hand += 1
+                continue
+            del self.queue[self.hand]
+            del self.weights[entry[0]]
+            return str(entry[0])
+
+    def put(self, key: str, weight: int) -> list[str]:
+        """Store ``key`` with ``weight``; return the keys evicted for it, in order."""
+        evicted = []
+        if key in self.weights:
+            self.visit(key)
+            self.weights[key] = weight
+            while sum(self.weights.values()) > self.max_weight:
+                evicted.append(self._evict(protect=key))
+            return evicted
+        while sum(self.weights.values()) + weight > self.max_weight:
+            evicted.append(self._evict(protect=None))
+        self.queue.append([key, False])
+        self.weights[key] = weight
+        return evicted
+
+    def remove(self, key: str) -> None:
+        super().remove(key)
+        del self.weights[key]
 
 
 class SieveMachine(RuleBasedStateMachine):
@@ -288,8 +429,68 @@ class SieveMachine(RuleBasedStateMachine):
         assert all(key in self.cache for key, _ in self.reference.queue)
 
 
+class WeightedSieveMachine(RuleBasedStateMachine):
+    """With a weigher: the entries evicted are those a weighted textbook SIEVE evicts, and the
+    weight in the statistics is the weight of what is held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[tuple[str, EvictionCause]] = []
+        self.cache: Cache[str, int] = Cache(TTL)
+        self.reference = WeightedReferenceSieve(1)
+
+    @initialize(max_weight=st.integers(min_value=1, max_value=8))
+    def make_cache(self, max_weight: int) -> None:
+        self.cache = Cache(
+            TTL,
+            weigher=lambda key, value: value,
+            max_weight=max_weight,
+            clock=lambda: 0.0,
+            on_evict=lambda key, value, cause: self.reports.append((key, cause)),
+        )
+        self.reference = WeightedReferenceSieve(max_weight)
+
+    @rule(key=KEYS, weight=st.integers(min_value=0, max_value=9))
+    def set(self, key: str, weight: int) -> None:
+        if weight > self.reference.max_weight:
+            with pytest.raises(ValueError, match="max_weight"):
+                self.cache.set(key, weight)
+            assert self.reports == []
+            return
+        replaced = key in self.reference.weights
+        self.cache.set(key, weight)
+        evicted = self.reference.put(key, weight)
+        expected = [(key, EvictionCause.REPLACED)] if replaced else []
+        expected += [(k, EvictionCause.SIZE) for k in evicted]
+        assert self.reports == expected
+        self.reports.clear()
+
+    @rule(key=KEYS)
+    def get(self, key: str) -> None:
+        held = key in self.reference.weights
+        assert (self.cache.get(key) is not None) is held
+        if held:
+            self.reference.visit(key)
+
+    @rule(key=KEYS)
+    def remove(self, key: str) -> None:
+        held = key in self.reference.weights
+        assert self.cache.remove(key) is held
+        if held:
+            self.reference.remove(key)
+        self.reports.clear()
+
+    @invariant()
+    def holds_the_same_keys_and_weight(self) -> None:
+        stats = self.cache.statistics()
+        assert sorted(self.cache.keys()) == sorted(self.reference.weights)
+        assert stats.weight == sum(self.reference.weights.values()) <= stats.max_weight
+
+
 MACHINE_SETTINGS = settings(max_examples=150, stateful_step_count=40, deadline=None)
 CacheMachine.TestCase.settings = MACHINE_SETTINGS
 SieveMachine.TestCase.settings = MACHINE_SETTINGS
+WeightedSieveMachine.TestCase.settings = MACHINE_SETTINGS
 TestCacheMachine = CacheMachine.TestCase
 TestSieveMachine = SieveMachine.TestCase
+TestWeightedSieveMachine = WeightedSieveMachine.TestCase

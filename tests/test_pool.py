@@ -564,14 +564,17 @@ class TestUpkeep:
     async def test_prefill_retries_a_failing_factory_with_backoff(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        factory = Factory(fail=lambda call: call <= 3)
+        factory = Factory(fail=lambda call: 2 <= call <= 4)
         with caplog.at_level(logging.ERROR, logger="darwin_metrics"):
             async with ResourcePool(2, factory=factory, min_idle=1) as pool:
+                assert pool.statistics().idle == 1  # entering waited for the first fill
+                held = await pool.acquire()  # upkeep refills, and the factory fails 3 times
                 await anyio.sleep(0.05)
                 assert pool.statistics().idle == 0
                 await anyio.sleep(2)
                 assert pool.statistics().idle == 1
-        assert factory.calls == 4
+                await pool.release(held)
+        assert factory.calls == 5
         assert caplog.text.count("prefill failed") == 3
 
     async def test_idle_resources_are_reaped_but_not_below_min_idle(self) -> None:
@@ -969,15 +972,17 @@ class TestRegressions:
     async def test_upkeep_does_not_spin_while_prefill_cannot_progress(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
+        from darwin_metrics._pool import _upkeep
+
         iterations = 0
-        collect = ResourcePool._collect_expired
+        collect = _upkeep.collect_expired
 
         def counting(pool: ResourcePool[Any]) -> list[Any]:
             nonlocal iterations
             iterations += 1
             return collect(pool)
 
-        monkeypatch.setattr(ResourcePool, "_collect_expired", counting)
+        monkeypatch.setattr(_upkeep, "collect_expired", counting)
         async with ResourcePool(1, factory=Factory(), min_idle=1) as pool:
             async with pool.lease():
                 for _ in range(200):
@@ -994,7 +999,7 @@ class TestRegressions:
         async def factory() -> Resource:
             nonlocal calls
             calls += 1
-            if calls == 1:
+            if calls == 2:  # the refill after the first fill
                 await gate.wait()
             return Resource(calls)
 
@@ -1007,15 +1012,17 @@ class TestRegressions:
             await original(pool, lease, front)
 
         monkeypatch.setattr(ResourcePool, "_park", counting)
-        async with ResourcePool(1, factory=factory, min_idle=1) as pool:
-            await anyio.lowlevel.checkpoint()  # prefill is now blocked in the factory
+        async with ResourcePool(2, factory=factory, min_idle=1) as pool:
+            first = await pool.acquire()  # the first fill's; upkeep refills...
+            await anyio.lowlevel.checkpoint()  # ...and is now blocked in the factory
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pool.acquire)
                 for _ in range(200):
                     await anyio.lowlevel.checkpoint()
                 gate.set()
             assert waits <= 1
-            assert calls == 1  # the waiter got the prefilled resource
+            assert calls == 2  # the waiter got the prefilled resource
+            await pool.release(first)
 
     async def test_close_during_an_async_check_raises_closed(self) -> None:
         started, go = anyio.Event(), anyio.Event()

@@ -33,6 +33,7 @@ from .._errors import TrackingTimeoutError
 from .._lowlevel import current_loop, running_loop_or_none, wrong_loop_error
 from .._pool import ResourcePool
 from .._tasks import exit_task_group
+from ._deadlock import current_task, stuck_waiters
 from ._samplers import PoolWatcher, Readings, SystemReader, pool_usage
 from ._subscription import Channel, OverflowPolicy, Subscription, remove_identical
 from ._usage import (
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from .._redis._relay import UsageRelay
 
 __all__ = ["ResourceManager"]
+
+_DEADLOCK_CHECK_INTERVAL = 1.0  # seconds between two looks of the deadlock watchdog
 
 
 class ResourceManager:
@@ -102,6 +105,8 @@ class ResourceManager:
         "_cache",
         "_channels",
         "_cleanup_interval",
+        "_exited",
+        "_host",
         "_loop",
         "_missed",
         "_publishers",
@@ -140,6 +145,8 @@ class ResourceManager:
         self._loop: object | None = None
         self._trio = False
         self._missed = 0
+        self._host: object = None  # the task running the 'async with' block
+        self._exited = False  # the block ended (until it is entered again)
         # Called with every tracked usage (the relays' publish hooks); replaced, never mutated.
         self._publishers: tuple[Callable[[ResourceUsage], None], ...] = ()
         # The statistics of the usages relayed from other processes: source -> type -> Record.
@@ -179,6 +186,12 @@ class ResourceManager:
         """
         policy = check_overflow(overflow)
         size = check_buffer_size(buffer_size, policy)
+        if self._exited and self._task_group is None:
+            raise RuntimeError(
+                f"{self!r}: its 'async with' block has ended, and with it every "
+                "subscription; a new one would never receive anything nor end. Subscribe "
+                "before the block ends (or enter the manager again)."
+            )
         channel = Channel(self, size, policy == "wait")
         self._channels = (*self._channels, channel)
         return Subscription(channel)
@@ -357,7 +370,11 @@ class ResourceManager:
     # ------------------------------------------------------------------ statistics
 
     def get_usage_stats(self) -> dict[str, float]:
-        """Return the peak usage of each resource type (the Rust crate's call)."""
+        """Return the peak usage of each resource type.
+
+        The call of the same name in the Rust crate darwin-metrics, whose resource module this
+        library brings to Python; :meth:`usage_statistics` has the count, last, min and mean.
+        """
         return {name: record[3] for name, record in list(self._stats.items())}
 
     def usage_statistics(self) -> dict[str, UsageStatistics]:
@@ -487,8 +504,9 @@ class ResourceManager:
         The relay runs in the manager's task group, reconnecting with backoff whenever its
         connections drop (reading resumes where it stopped; what was tracked meanwhile is
         sent once the server is back, up to ``max_pending`` usages). It stops when the
-        manager exits or when :meth:`UsageRelay.aclose` or :meth:`UsageRelay.cancel` is
-        called; stopping sends what is still queued and a goodbye (within ``keepalive``).
+        manager exits or when :meth:`~darwin_metrics.redis.UsageRelay.aclose` or
+        :meth:`~darwin_metrics.redis.UsageRelay.cancel` is called; stopping sends what is
+        still queued and a goodbye (within ``keepalive``).
         See :class:`darwin_metrics.redis.UsageRelay` for the delivery model. Needs the
         ``redis`` extra: ``pip install "darwin-metrics[redis]"``.
 
@@ -683,6 +701,30 @@ class ResourceManager:
             watcher.unwatch()
             self._watchers.discard(watcher)
 
+    async def _watch_for_deadlocks(self) -> None:
+        """Wake, with an error, subscribers that wait inside the block in a way that never ends.
+
+        Two looks a second apart must agree, so a nesting that is about to be undone (a
+        subscription closed from outside just then) is left alone.
+        """
+        suspects: set[int] = set()
+        while True:
+            await anyio.sleep(_DEADLOCK_CHECK_INTERVAL)
+            waiting = {
+                channel.waiter_task: channel for channel in self._channels if channel.waiting
+            }
+            stuck = stuck_waiters(self._host, waiting) if waiting else []
+            for channel in stuck:
+                if id(channel) in suspects:
+                    channel.fail_deadlocked(
+                        f"this task waits for the next event of a subscription of {self!r}, "
+                        "inside a task group that the manager's 'async with' block waits "
+                        "for: the block cannot end, so the subscription never ends either. "
+                        "Run the consumer in a task group outside 'async with manager:' (or "
+                        "close its subscription, or cancel it, before the block ends)."
+                    )
+            suspects = {id(channel) for channel in stuck}
+
     async def _cleanup_periodically(self) -> None:
         while True:
             await anyio.sleep(self._cleanup_interval)
@@ -700,7 +742,10 @@ class ResourceManager:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._exited = False
+        self._host = current_task(self._trio)
         task_group.start_soon(self._cleanup_periodically)
+        task_group.start_soon(self._watch_for_deadlocks)
         return self
 
     async def __aexit__(
@@ -721,6 +766,8 @@ class ResourceManager:
             return await exit_task_group(task_group, exc_type, exc_val, exc_tb)
         finally:
             self._task_group = None
+            self._exited = True
+            self._host = None
             for watcher in list(self._watchers):  # a sampler cancelled before it started
                 watcher.unwatch()
             self._watchers.clear()

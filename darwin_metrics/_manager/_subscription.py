@@ -42,6 +42,7 @@ from anyio import ClosedResourceError, EndOfStream, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from .._lowlevel import Parker
+from ._deadlock import current_task
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class Channel:
     __slots__ = (
         "backlog",
         "buffer_size",
+        "deadlock",
         "manager",
         "missed",
         "parker",
@@ -119,6 +121,7 @@ class Channel:
         "state",
         "turn",
         "wait",
+        "waiter_task",
         "waiting",
     )
 
@@ -145,6 +148,8 @@ class Channel:
         self.turn: anyio.Event | None = None  # set when a delivery may proceed
         self.parker: Parker | None = None  # the subscriber, waiting for an event
         self.waiting = False
+        self.waiter_task: object = None  # the task that waits (for the deadlock watchdog)
+        self.deadlock: str | None = None  # set by the watchdog: the wait can never end
         self.plain_send: Callable[[ResourceUsage], None] = (
             self._send_in_order if wait else send_stream.send_nowait
         )
@@ -290,6 +295,7 @@ class Channel:
         parker = self.parker
         if parker is None:
             parker = self.parker = Parker(self.manager._trio)
+        self.waiter_task = current_task(self.manager._trio)
         while not self.ready and not self.pending and self.state == "open":
             self.waiting = True
             if self.backlog:  # a rendezvous: the next event is handed over now
@@ -304,6 +310,15 @@ class Channel:
                 if self.waiting:  # not woken: cancelled
                     self.waiting = False
                     self.send_nowait = self.plain_send
+            if self.deadlock is not None:
+                message, self.deadlock = self.deadlock, None
+                raise RuntimeError(message)
+
+    def fail_deadlocked(self, message: str) -> None:
+        """The watchdog found that this subscriber's wait can never end: wake it with an error."""
+        if self.waiting:
+            self.deadlock = message
+            self.wake_receiver()
 
 
 def _loop_scheduler() -> Callable[[Callable[[], object]], object] | None:

@@ -1,7 +1,10 @@
 """The resource pool, one idea per module.
 
-- :mod:`._pool`: :class:`ResourcePool` (checkout, give-back, waiting, upkeep) and its leases.
-- :mod:`._statistics`: :class:`PoolStatistics`, the frozen snapshot.
+- :mod:`._pool`: :class:`ResourcePool`: checkout, give-back, the wait queue, the public API.
+- :mod:`._upkeep`: prefill, idle reaping, retirement and leak warnings (the upkeep task).
+- :mod:`._lease`: what ``lease()`` returns.
+- :mod:`._entries`: what the pool keeps per resource and per lease.
+- :mod:`._statistics`: :class:`PoolStatistics` and :class:`PoolDisposals`, frozen snapshots.
 - :mod:`._args`: argument checks shared by the pool's constructor and methods.
 """
 

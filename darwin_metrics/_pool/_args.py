@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import math
 
-__all__ = ["check_hook", "check_seconds", "check_size"]
+__all__ = ["DEFAULT", "Default", "check_hook", "check_seconds", "check_size"]
 
 
 def check_size(name: str, value: object, minimum: int) -> int:
@@ -30,3 +31,16 @@ def check_seconds(name: str, value: object) -> float | None:
 def check_hook(name: str, value: object) -> None:
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be callable or None, got {type(value).__name__} {value!r}")
+
+
+class Default(enum.Enum):
+    """The type of :data:`DEFAULT`."""
+
+    DEFAULT = "the pool's default"
+
+    def __repr__(self) -> str:
+        return "<the pool's default>"
+
+
+DEFAULT = Default.DEFAULT
+"""A ``timeout`` argument left out: the pool's own ``timeout`` applies."""

@@ -52,23 +52,27 @@ import contextlib
 import inspect
 import logging
 import math
-import os
 import random
-import sys
 import typing
 import warnings
-from bisect import bisect_left as _bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from types import TracebackType
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import anyio
 from anyio import CancelScope, WouldBlock
-from anyio.lowlevel import checkpoint
 
-from .._errors import PoolClosedError, PoolEmptyError, PoolFullError, PoolTimeoutError
-from .._histogram import DEFAULT_BUCKETS, _Recorder
+from .._errors import (
+    PoolClosedError,
+    PoolEmptyError,
+    PoolFullError,
+    PoolOverloadedError,
+    PoolPausedError,
+    PoolTimeoutError,
+    ResourceCheckError,
+)
+from .._histogram import FOLD_EVERY, _Recorder
 from .._lowlevel import (
     HookTimeoutError,
     Parker,
@@ -76,8 +80,16 @@ from .._lowlevel import (
     run_protected,
     wrong_loop_error,
 )
+from .._lowlevel import duration_clock as _duration_clock
+from .._lowlevel import get_running_loop as _get_running_loop
+from .._lowlevel import trio_checkpoint as _trio_checkpoint
+from .._lowlevel import trio_token as _trio_token
 from .._tasks import exit_task_group
-from ._args import check_hook, check_seconds, check_size
+from . import _upkeep
+from ._args import DEFAULT, Default, check_hook, check_seconds, check_size
+from ._entries import Entry, Lease, where_acquired
+from ._holders import find_holders
+from ._lease import Acquisition, LeaseContext
 from ._statistics import DisposalReason, PoolDisposals, PoolStatistics, TimingKind
 
 if TYPE_CHECKING:
@@ -89,43 +101,10 @@ T = TypeVar("T")
 
 logger = logging.getLogger("darwin_metrics")
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LIFETIME_JITTER = 0.1  # resources retire within the last 10% of max_lifetime
-_PREFILL_BACKOFF_MAX = 10.0  # seconds between prefill attempts after factory failures
 _DEFAULT_HOOK_TIMEOUT = 10.0
-_FIRST_BOUND = DEFAULT_BUCKETS[0]
+_DEFAULT_READY_TIMEOUT = 30.0
 _DISPOSAL_REASONS: tuple[DisposalReason, ...] = typing.get_args(DisposalReason)
-
-
-class _Entry:
-    """One resource the pool owns, with its bookkeeping."""
-
-    __slots__ = ("created_at", "idle_since", "resource", "retire_at")
-
-    def __init__(self, resource: Any, created_at: float, retire_at: float) -> None:
-        self.resource = resource
-        self.created_at = created_at
-        self.retire_at = retire_at
-        self.idle_since = created_at
-
-
-class _Lease:
-    """A lease: the limiter's borrower object, what it holds, and its place in the queue.
-
-    ``entry`` is ``None`` until the lease is bound to a resource, and again once the resource
-    was given back or discarded. ``granted`` is true while a waiter holds a token that the
-    pool handed it (with or without an entry) and has not acted on yet.
-    """
-
-    __slots__ = ("acquired_at", "entry", "granted", "parker", "warned", "where")
-
-    def __init__(self) -> None:
-        self.entry: _Entry | None = None
-        self.acquired_at = 0.0
-        self.where = ""
-        self.warned = False
-        self.granted = False
-        self.parker: Parker | None = None
 
 
 def _call_watcher(callback: Callable[[], None]) -> None:
@@ -133,19 +112,6 @@ def _call_watcher(callback: Callable[[], None]) -> None:
         callback()
     except Exception:
         logger.exception("pool watcher %r raised", callback)
-
-
-def _where_acquired() -> str:
-    """The first caller frame outside darwin_metrics and the async libraries, as file:line."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_PACKAGE_DIR) and not any(
-            part in filename for part in ("/anyio/", "/trio/", "/asyncio/", "contextlib")
-        ):
-            return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
-        frame = frame.f_back
-    return "<unknown>"
 
 
 class ResourcePool(Generic[T]):
@@ -177,6 +143,26 @@ class ResourcePool(Generic[T]):
             ones when they come back; each gets up to 10% less, so they don't all retire at
             once. ``None`` keeps them.
         leak_threshold: A lease held longer logs a warning that says where it was acquired.
+        timeout: The default ``timeout`` of :meth:`acquire` and :meth:`lease` (seconds, or
+            ``None`` to wait for ever); each call may give its own.
+        max_waiting: The most tasks that may wait for a resource at once; an acquisition that
+            would make one more wait raises :class:`~darwin_metrics.PoolOverloadedError` at
+            once, so that a service sheds load instead of queueing for ever. ``None`` (the
+            default) sets no bound; ``0`` never waits.
+        check_after_idle: Run ``check`` on checkout only for resources idle for longer than
+            this many seconds (checking every checkout costs a round trip). Needs ``check``.
+        check_on_create: Run ``check`` on new resources too. One that fails is disposed and
+            the acquisition raises :class:`~darwin_metrics.ResourceCheckError` (a factory
+            error: it is counted in ``factory_errors``, and never retried in a loop).
+        keepalive: Upkeep exercises resources idle for this many seconds with ``ping`` (or
+            ``check`` if there is no ``ping``), one at a time, and disposes those that fail,
+            so that a server never drops an idle connection unnoticed. Needs
+            ``async with pool:``.
+        ping: The hook ``keepalive`` runs (sync or async), protected from cancellation and
+            bounded by ``hook_timeout``; raising or returning ``False`` fails the resource.
+        ready_timeout: How long ``async with pool:`` waits for the first ``min_idle``
+            resources before it raises :class:`~darwin_metrics.PoolTimeoutError` (default
+            30 s; ``None`` waits for ever).
         on_timing: Called as ``on_timing(kind, seconds)`` with every duration the pool
             measures: ``"wait"`` (an acquisition that waited), ``"use"`` (a lease, from
             acquisition to return) and ``"create"`` (a factory call), for example to record
@@ -203,6 +189,8 @@ class ResourcePool(Generic[T]):
         "_acquired",
         "_acquired_after_wait",
         "_check",
+        "_check_after_idle",
+        "_check_on_create",
         "_clock",
         "_closed",
         "_create_time",
@@ -211,10 +199,13 @@ class ResourcePool(Generic[T]):
         "_disposals",
         "_dispose",
         "_disposed",
+        "_draining",
         "_factory",
         "_factory_errors",
+        "_generation",
         "_hook_timeout",
         "_idle",
+        "_keepalive",
         "_leak_threshold",
         "_leased",
         "_limiter",
@@ -223,14 +214,21 @@ class ResourcePool(Generic[T]):
         "_max_idle_time",
         "_max_lifetime",
         "_max_size",
+        "_max_waiting",
         "_min_idle",
         "_on_timing",
         "_owned",
+        "_pause_rejects",
+        "_paused",
+        "_ping",
         "_plain_checkout",
         "_plain_return",
+        "_ready_timeout",
+        "_record_use",
         "_reset",
         "_size",
         "_task_group",
+        "_timeout",
         "_timeouts",
         "_total_wait",
         "_trio",
@@ -241,6 +239,7 @@ class ResourcePool(Generic[T]):
         "_wait_time",
         "_waiters",
         "_waits_abandoned",
+        "_warned_upkeep",
         "_watchers",
     )
 
@@ -256,6 +255,13 @@ class ResourcePool(Generic[T]):
         max_idle_time: float | None = None,
         max_lifetime: float | None = None,
         leak_threshold: float | None = None,
+        timeout: float | None = None,
+        max_waiting: int | None = None,
+        check_after_idle: float | None = None,
+        check_on_create: bool = False,
+        keepalive: float | None = None,
+        ping: Callable[[T], object] | None = None,
+        ready_timeout: float | None = _DEFAULT_READY_TIMEOUT,
         on_timing: Callable[[TimingKind, float], object] | None = None,
         hook_timeout: float | None = _DEFAULT_HOOK_TIMEOUT,
     ) -> None:
@@ -268,6 +274,7 @@ class ResourcePool(Generic[T]):
             ("check", check),
             ("reset", reset),
             ("dispose", dispose),
+            ("ping", ping),
             ("on_timing", on_timing),
         ):
             check_hook(name, hook)
@@ -280,26 +287,55 @@ class ResourcePool(Generic[T]):
         self._max_lifetime = max_lifetime
         self._leak_threshold = check_seconds("leak_threshold", leak_threshold)
         self._hook_timeout = check_seconds("hook_timeout", hook_timeout)
+        self._timeout = check_seconds("timeout", timeout)
+        self._ready_timeout = check_seconds("ready_timeout", ready_timeout)
+        self._max_waiting = (
+            None if max_waiting is None else check_size("max_waiting", max_waiting, 0)
+        )
+        self._check_after_idle = check_seconds("check_after_idle", check_after_idle)
+        if self._check_after_idle is not None and check is None:
+            raise ValueError("check_after_idle needs a check hook to run")
+        if not isinstance(check_on_create, bool):
+            raise TypeError(
+                f"check_on_create must be a bool, got {type(check_on_create).__name__} "
+                f"{check_on_create!r}"
+            )
+        if check_on_create and check is None:
+            raise ValueError("check_on_create needs a check hook to run")
+        self._check_on_create = check_on_create
+        self._keepalive = check_seconds("keepalive", keepalive)
+        if self._keepalive == 0:
+            raise ValueError("keepalive must be positive, got 0")
+        if self._keepalive is not None and ping is None and check is None:
+            raise ValueError("keepalive needs a ping (or check) hook to exercise idle resources")
+        if ping is not None and self._keepalive is None:
+            raise ValueError("ping is the keepalive hook: give keepalive=SECONDS too")
+        self._ping = ping
         self._factory = factory
         self._check = check
         self._reset = reset
         self._dispose = dispose
         self._on_timing = on_timing
 
-        self._idle: list[_Entry] = []
-        self._leased: dict[int, _Lease] = {}
+        self._idle: list[Entry] = []
+        self._leased: dict[int, Lease] = {}
         # Every resource the pool owns, by identity: idle, leased, or being checked or reset.
-        self._owned: dict[int, _Entry] = {}
+        self._owned: dict[int, Entry] = {}
         self._size = 0
         self._creating = 0
         self._closed = False
+        self._paused = self._pause_rejects = False
+        # drain() starts a new generation; resources of older ones are disposed on return.
+        self._generation = 0
+        self._draining = 0  # leased resources of older generations
+        self._warned_upkeep = False
         # The event loop this pool belongs to, and what comes with it: bound on first use.
         self._loop: object | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._trio = False
         self._clock: Callable[[], float] = anyio.current_time
         # Leases waiting for a token, longest waiting first.
-        self._waiters: deque[_Lease] = deque()
+        self._waiters: deque[Lease] = deque()
         self._watchers: list[Callable[[], None]] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._upkeep_scope: CancelScope | None = None
@@ -320,6 +356,7 @@ class ResourcePool(Generic[T]):
         self._longest_wait = 0.0
         self._wait_time = _Recorder()
         self._use_time = _Recorder()
+        self._record_use = self._use_time.append
         self._create_time = _Recorder()
 
     # ------------------------------------------------------------------ introspection
@@ -393,8 +430,10 @@ class ResourcePool(Generic[T]):
         self._plain_checkout = (
             self._check is None and self._max_lifetime is None and not self._min_idle
         ) and not observed
+        # A return must note when the resource went idle if anything times idleness, and must
+        # look at its generation while drain() waits for older resources to come back.
         self._plain_return = (
-            self._reset is None and self._max_lifetime is None and self._max_idle_time is None
+            self._reset is None and not self._needs_clock() and not self._draining
         ) and not observed
 
     def _watch(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -442,9 +481,7 @@ class ResourcePool(Generic[T]):
         limiter = anyio.CapacityLimiter(tokens)
         self._trio = on_trio
         self._loop = loop
-        # The running loop's clock, resolved once: anyio.current_time looks it up per call.
-        # The run's clock object on trio (trio.current_time() looks it up on every call).
-        self._clock = _trio_clock().current_time if on_trio else asyncio.get_running_loop().time
+        self._clock = _duration_clock(on_trio)
         self._limiter = limiter
         return limiter
 
@@ -464,7 +501,13 @@ class ResourcePool(Generic[T]):
     def _closed_error(self) -> PoolClosedError:
         return PoolClosedError(f"{self!r} is closed")
 
-    def _new_entry(self, resource: T) -> _Entry:
+    def _empty_error(self) -> PoolEmptyError:
+        return PoolEmptyError(
+            f"{self!r} owns no resource and has no factory: release a resource into it "
+            "or give it a factory"
+        )
+
+    def _new_entry(self, resource: T) -> Entry:
         """Take ownership of a resource (sync: no await between this and its placement)."""
         if id(resource) in self._owned:
             raise RuntimeError(f"the pool already owns {resource!r}: a resource joins it once")
@@ -472,44 +515,53 @@ class ResourcePool(Generic[T]):
         retire_at = math.inf
         if self._max_lifetime is not None:
             retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())
-        entry = _Entry(resource, now, retire_at)
+        entry = Entry(resource, now, retire_at, self._generation)
         self._owned[id(resource)] = entry
         self._size += 1
         self._created += 1
         return entry
 
     def _needs_clock(self) -> bool:
-        return self._max_lifetime is not None or self._max_idle_time is not None
+        """Whether resources must know when they were made and went idle."""
+        return (
+            self._max_lifetime is not None
+            or self._max_idle_time is not None
+            or self._check_after_idle is not None
+            or self._keepalive is not None
+        )
 
-    def _bind(self, lease: _Lease, entry: _Entry) -> None:
+    def _bind(self, lease: Lease, entry: Entry) -> None:
         """Record that ``lease`` holds ``entry`` (sync)."""
         lease.entry = entry
         self._leased[id(entry.resource)] = lease
         self._acquired += 1
         lease.acquired_at = self._clock()
         if self._leak_threshold is not None:
-            self._schedule_upkeep(lease.acquired_at + self._leak_threshold)
+            lease.leak_at = anyio.current_time() + self._leak_threshold
+            self._schedule_upkeep(lease.leak_at)
         if self._watchers:
             self._notify()
 
-    def _unbind(self, lease: _Lease) -> _Entry:
+    def _unbind(self, lease: Lease) -> Entry:
         entry = lease.entry
         assert entry is not None
         del self._leased[id(entry.resource)]
         lease.entry = None
-        now = self._clock()
-        held = now - lease.acquired_at
+        held = self._clock() - lease.acquired_at
         self._use_time.observe(held)
         if self._on_timing is not None:
             self._timed("use", held)
-        threshold = self._leak_threshold
-        if threshold is not None and not lease.warned and now >= lease.acquired_at + threshold:
-            self._warn_leak(entry.resource, lease, held)
+        if (
+            self._leak_threshold is not None
+            and not lease.warned
+            and anyio.current_time() >= lease.leak_at
+        ):
+            _upkeep.warn_leak(self, entry.resource, lease, held)
         if self._watchers:
             self._notify()
         return entry
 
-    def _undo_handoff(self, lease: _Lease) -> _Entry:
+    def _undo_handoff(self, lease: Lease) -> Entry:
         """Take back a resource bound to a waiter that never used it (sync)."""
         entry = lease.entry
         assert entry is not None
@@ -520,12 +572,16 @@ class ResourcePool(Generic[T]):
             self._notify()
         return entry
 
-    def _forget(self, entry: _Entry, reason: DisposalReason) -> None:
+    def _forget(self, entry: Entry, reason: DisposalReason) -> None:
         """The pool no longer owns ``entry`` (sync); its dispose hook is the caller's job."""
         del self._owned[id(entry.resource)]
         self._size -= 1
         self._disposed += 1
         self._disposals[reason] += 1
+        if entry.generation != self._generation:
+            self._draining -= 1
+            if not self._draining:
+                self._update_fast_paths()  # the last of the drained ones is gone
         if self._factory is None and self._limiter is not None:
             # One token per owned resource. Lowering total_tokens never takes a token back.
             self._limiter.total_tokens = self._size
@@ -535,7 +591,7 @@ class ResourcePool(Generic[T]):
         if self._min_idle:
             self._wake_upkeep()
 
-    def _release_token(self, lease: _Lease) -> None:
+    def _release_token(self, lease: Lease) -> None:
         """Give back the token ``lease`` holds, and hand what it frees to the next waiters."""
         limiter = self._limiter
         assert limiter is not None
@@ -549,6 +605,8 @@ class ResourcePool(Generic[T]):
         Called after every change that can free a token or add an idle resource. A waiter
         that was cancelled (and has not resumed yet) is skipped: it can no longer be woken.
         """
+        if self._paused:
+            return  # resume() serves them
         waiters = self._waiters
         limiter = self._limiter
         assert limiter is not None
@@ -582,7 +640,7 @@ class ResourcePool(Generic[T]):
             assert parker is not None
             parker.wake()
 
-    async def _park(self, lease: _Lease, front: bool) -> None:
+    async def _park(self, lease: Lease, front: bool) -> None:
         """Wait in the queue until served (``lease.granted``) or woken for a close.
 
         On cancellation the lease leaves the queue; if it was served just as the
@@ -616,15 +674,18 @@ class ResourcePool(Generic[T]):
             if self._on_timing is not None:
                 self._timed("wait", waited)
 
-    def _put_back(self, entry: _Entry) -> _Entry | None:
+    def _put_back(self, entry: Entry) -> Entry | None:
         """Return an entry that was taken out but not used (sync); the orphan if closed."""
         if self._closed:  # aclose() has already disposed the idle ones: this is ours to do
             self._forget(entry, "closed")
             return entry
+        if entry.generation != self._generation:  # drain() was called meanwhile
+            self._forget(entry, "drained")
+            return entry
         self._idle.append(entry)
         return None
 
-    async def _give_up(self, lease: _Lease, candidate: _Entry | None = None) -> None:
+    async def _give_up(self, lease: Lease, candidate: Entry | None = None) -> None:
         """Undo a checkout that did not complete: the resource back, the token to the next.
 
         ``lease`` holds a token, maybe a resource bound to it (handed over, or taken on the
@@ -646,14 +707,17 @@ class ResourcePool(Generic[T]):
     async def _run_hook(
         self, name: str, hook: Callable[[T], object], resource: T
     ) -> tuple[bool, BaseException | None]:
-        """Run ``reset`` or ``dispose`` to completion; return ``(ok, deferred)``."""
+        """Run ``reset``, ``dispose`` or ``ping`` to completion; return ``(ok, deferred)``."""
         failure, deferred = await run_protected(
             lambda: hook(resource), on_trio=self._trio, timeout=self._hook_timeout
         )
         if failure is not None:
-            consequence = "disposing it" if name == "reset" else "the resource left the pool"
+            consequence = "the resource left the pool" if name == "dispose" else "disposing it"
+            # A failed keepalive is an idle resource that went stale: worth a warning only.
+            level = logging.WARNING if name == "ping" else logging.ERROR
             if isinstance(failure, HookTimeoutError):
-                logger.error(
+                logger.log(
+                    level,
                     "%s(%r) did not finish within hook_timeout=%s s; abandoned it, %s",
                     name,
                     resource,
@@ -661,7 +725,9 @@ class ResourcePool(Generic[T]):
                     consequence,
                 )
             else:
-                logger.error("%s(%r) raised; %s", name, resource, consequence, exc_info=failure)
+                logger.log(
+                    level, "%s(%r) raised; %s", name, resource, consequence, exc_info=failure
+                )
         return failure is None, deferred
 
     async def _dispose_resource(self, resource: T) -> BaseException | None:
@@ -670,7 +736,7 @@ class ResourcePool(Generic[T]):
             return None
         return (await self._run_hook("dispose", self._dispose, resource))[1]
 
-    async def _drop(self, entry: _Entry, reason: DisposalReason) -> None:
+    async def _drop(self, entry: Entry, reason: DisposalReason) -> None:
         """Forget and dispose an entry; then raise what the dispose deferred, if anything."""
         self._forget(entry, reason)
         deferred = await self._dispose_resource(entry.resource)
@@ -678,7 +744,7 @@ class ResourcePool(Generic[T]):
             raise deferred
 
     async def _dispose_entries(
-        self, entries: Iterable[_Entry], reason: DisposalReason | None = None
+        self, entries: Iterable[Entry], reason: DisposalReason | None = None
     ) -> None:
         """Forget the entries, then dispose every one of them whatever happens; then raise.
 
@@ -688,14 +754,14 @@ class ResourcePool(Generic[T]):
         """
         doomed = list(entries)
         for entry in doomed:
-            self._forget(entry, reason or self._expiry_reason(entry))
+            self._forget(entry, reason or _upkeep.expiry_reason(self, entry))
         deferred: BaseException | None = None
         for entry in doomed:
             deferred = await self._dispose_resource(entry.resource) or deferred
         if deferred is not None:
             raise deferred
 
-    async def _create(self) -> _Entry:
+    async def _create(self) -> Entry:
         """Make a new resource with the factory. Cancellation or an error creates nothing."""
         factory = self._factory
         assert factory is not None
@@ -719,7 +785,22 @@ class ResourcePool(Generic[T]):
                 self._wake_upkeep()  # prefill may have been waiting on this creation
         return self._new_entry(resource)
 
-    async def _passes_check(self, entry: _Entry) -> bool:
+    def _due_for_check(self, entry: Entry) -> bool:
+        """Whether an idle resource is checked on this checkout (``check_after_idle``)."""
+        after = self._check_after_idle
+        return after is None or anyio.current_time() - entry.idle_since > after
+
+    async def _create_checked(self) -> Entry:
+        """Make a resource; with ``check_on_create``, check it (a failure: a factory error)."""
+        entry = await self._create()
+        if self._check_on_create and not await self._passes_check(entry):
+            self._factory_errors += 1
+            raise ResourceCheckError(
+                f"a resource the factory just made failed its check ({self!r}); it was disposed"
+            )
+        return entry
+
+    async def _passes_check(self, entry: Entry) -> bool:
         """Run ``check`` on an entry being checked out; dispose it if it fails."""
         check = self._check
         assert check is not None
@@ -739,7 +820,7 @@ class ResourcePool(Generic[T]):
             await self._drop(entry, "check_failed")
         return ok
 
-    async def _fill(self, lease: _Lease, entry: _Entry | None = None) -> _Lease | None:
+    async def _fill(self, lease: Lease, entry: Entry | None = None) -> Lease | None:
         """Bind a token holder to ``entry`` (handed over), an idle resource or a new one.
 
         The caller holds a token for ``lease``. Returns the bound lease, or ``None`` (still
@@ -757,20 +838,23 @@ class ResourcePool(Generic[T]):
                     entry = idle.pop()
                 if entry is not None:
                     candidate, entry = entry, None
+                    if candidate.generation != self._generation:
+                        await self._drop(candidate, "drained")
+                        continue
                     if (
                         self._max_lifetime is not None
                         and candidate.retire_at <= anyio.current_time()
                     ):
                         await self._drop(candidate, "lifetime")
                         continue
-                    if self._check is not None:
+                    if self._check is not None and self._due_for_check(candidate):
                         if not await self._passes_check(candidate):
                             continue
                         if self._is_closed():  # closed while the check ran
                             await self._drop(candidate, "closed")
                             raise self._closed_error()
                 elif self._factory is not None and self._size + self._creating < self._max_size:
-                    candidate = await self._create()
+                    candidate = await self._create_checked()
                     if self._is_closed():  # closed while the factory ran
                         await self._drop(candidate, "closed")
                         raise self._closed_error()
@@ -778,15 +862,15 @@ class ResourcePool(Generic[T]):
                     return None
                 self._bind(lease, candidate)
                 if self._min_idle and len(idle) < self._min_idle:
-                    self._wake_upkeep()
+                    self._needs_upkeep()
                 return lease
         except BaseException:
             self._release_token(lease)
             raise
 
     async def _slow_take(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None = None
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None = None
+    ) -> Lease | None:
         """Wait for a token if needed, then bind a resource; ``None`` if the pool is empty.
 
         ``holding`` says whether the caller already holds a token for ``lease``, and
@@ -802,13 +886,24 @@ class ResourcePool(Generic[T]):
                     raise self._closed_error()
                 if self._factory is None and self._size == 0:
                     return None  # the caller checkpointed, or this task waited
-                if not self._waiters:
+                if self._paused and self._pause_rejects:
+                    raise PoolPausedError(f"{self!r} is paused: acquisitions fail until resume()")
+                if not self._waiters and not self._paused:
                     try:
                         limiter.acquire_on_behalf_of_nowait(lease)
                         holding = True
                     except WouldBlock:
                         pass
                 if not holding:
+                    if (
+                        not front
+                        and self._max_waiting is not None
+                        and len(self._waiters) >= self._max_waiting
+                    ):
+                        raise PoolOverloadedError(
+                            f"{self!r}: {len(self._waiters)} tasks wait already "
+                            f"(max_waiting={self._max_waiting}); try again later"
+                        )
                     waited = True
                     await self._park(lease, front)
                     if not lease.granted:
@@ -833,7 +928,7 @@ class ResourcePool(Generic[T]):
             holding = False
             front = True
 
-    async def _take(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+    async def _take(self, lease: Lease, timeout: float | None) -> Lease | None:
         """Acquire a lease: the one template behind acquire, lease and their timeouts."""
         if self._closed:
             raise self._closed_error()
@@ -845,7 +940,7 @@ class ResourcePool(Generic[T]):
         limiter = self._limiter
         if running is not self._loop or limiter is None:
             limiter = self._enter()  # binds on first use; raises from another loop
-        if not self._waiters:  # with tasks queued, newcomers queue behind them
+        if not self._waiters and not self._paused:  # newcomers queue behind waiting tasks
             try:
                 limiter.acquire_on_behalf_of_nowait(lease)
             except WouldBlock:
@@ -859,6 +954,8 @@ class ResourcePool(Generic[T]):
                     entry = lease.entry = idle.pop()
                     self._leased[id(entry.resource)] = lease  # no duplicates come from idle
                     self._acquired += 1
+                    if not self._acquired % FOLD_EVERY:  # lease returns append use times
+                        self._use_time.fold()
                     lease.acquired_at = self._clock()
                     try:
                         if self._trio:
@@ -879,7 +976,7 @@ class ResourcePool(Generic[T]):
             return None
         return await self._finish_take(lease, False, None, timeout)
 
-    async def _take_holding(self, lease: _Lease, timeout: float | None) -> _Lease | None:
+    async def _take_holding(self, lease: Lease, timeout: float | None) -> Lease | None:
         """Acquire for a lease that holds a token, when the fast path does not apply."""
         idle = self._idle
         candidate = idle.pop() if idle else None  # checked after the checkpoint
@@ -891,19 +988,19 @@ class ResourcePool(Generic[T]):
         return await self._finish_take(lease, True, candidate, timeout)
 
     async def _finish_take(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float | None
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None, timeout: float | None
+    ) -> Lease | None:
         if timeout is None:
             taken = await self._slow_take(lease, holding, candidate)
         else:
             taken = await self._slow_take_within(lease, holding, candidate, timeout)
         if taken is not None and self._leak_threshold is not None:
-            lease.where = _where_acquired()
+            lease.where = where_acquired()
         return taken
 
     async def _slow_take_within(
-        self, lease: _Lease, holding: bool, candidate: _Entry | None, timeout: float
-    ) -> _Lease | None:
+        self, lease: Lease, holding: bool, candidate: Entry | None, timeout: float
+    ) -> Lease | None:
         """:meth:`_slow_take` under ``fail_after``: it costs more than the fast path."""
         try:
             with anyio.fail_after(timeout) as scope:
@@ -916,14 +1013,22 @@ class ResourcePool(Generic[T]):
                 f"no resource became available within {timeout} s ({self!r})"
             ) from None
 
-    def _validate_timeout(self, timeout: float | None) -> None:
-        if timeout is not None:
-            check_seconds("timeout", timeout)
+    def _resolve_timeout(self, timeout: float | Default | None) -> float | None:
+        """A call's ``timeout``: checked, or the pool's own when the call gave none."""
+        if timeout is DEFAULT:
+            return self._timeout
+        return check_seconds("timeout", timeout)
 
     # ------------------------------------------------------------------ public API
 
-    async def acquire(self, *, timeout: float | None = None) -> T | None:
+    def acquire(self, *, timeout: float | Default | None = DEFAULT) -> Acquisition[T]:
         """Acquire a resource, waiting in strict FIFO order if none is available.
+
+        Use it either way::
+
+            resource = await pool.acquire()      # yours until release() or discard()
+            async with pool.acquire() as resource:  # given back on exit, as lease() does
+                ...
 
         Takes an idle resource, or makes a new one with the factory while the pool owns
         fewer than ``max_size``, or waits for one to be released.
@@ -936,23 +1041,31 @@ class ResourcePool(Generic[T]):
 
         Args:
             timeout: Seconds to wait, including the factory's and an async ``check``'s time;
-                ``None`` waits forever. A timeout or cancellation that lands inside an async
-                ``check`` disposes the resource being checked: its state is unknown.
+                ``None`` waits forever; left out, the pool's ``timeout``. A timeout or
+                cancellation that lands inside an async ``check`` disposes the resource being
+                checked: its state is unknown.
 
         Returns:
-            The resource, or ``None`` when waiting could never end: the pool has no factory
-            and owns no resource at all.
+            Awaited: the resource, or ``None`` when waiting could never end (the pool has no
+            factory and owns no resource at all). As ``async with``: the resource (an empty
+            pool raises :class:`~darwin_metrics.PoolEmptyError`, as :meth:`lease` does).
 
         Raises:
             PoolTimeoutError: No resource within ``timeout``.
+            PoolOverloadedError: ``max_waiting`` tasks wait already.
+            PoolPausedError: The pool was paused with ``pause(reject=True)``.
             PoolClosedError: The pool is closed, or was closed while waiting.
             RuntimeError: Called from an event loop other than the pool's.
         """
-        self._validate_timeout(timeout)
-        lease = await self._take(_Lease(), timeout)
-        if lease is None:
+        if timeout is DEFAULT:
+            return Acquisition(self, self._timeout)
+        return Acquisition(self, check_seconds("timeout", timeout))
+
+    async def _acquire(self, timeout: float | None) -> T | None:
+        taken = await self._take(Lease(), timeout)
+        if taken is None:
             return None
-        entry = lease.entry
+        entry = taken.entry
         assert entry is not None
         resource: T = entry.resource
         return resource
@@ -969,13 +1082,17 @@ class ResourcePool(Generic[T]):
 
         Raises:
             PoolClosedError: The pool is closed.
+            PoolPausedError: The pool was paused with ``pause(reject=True)`` (while paused
+                otherwise, it answers ``None``).
             RuntimeError: Called from an event loop other than the pool's.
         """
         if self._closed:
             raise self._closed_error()
         limiter = self._enter()
-        lease = _Lease()
-        if self._waiters:
+        lease = Lease()
+        if self._paused and self._pause_rejects:
+            raise PoolPausedError(f"{self!r} is paused: acquisitions fail until resume()")
+        if self._waiters or self._paused:
             await self._checkpoint()
             return None
         try:
@@ -994,13 +1111,13 @@ class ResourcePool(Generic[T]):
             self._release_token(lease)
             return None
         if self._leak_threshold is not None:
-            lease.where = _where_acquired()
+            lease.where = where_acquired()
         entry = lease.entry
         assert entry is not None
         resource: T = entry.resource
         return resource
 
-    def lease(self, *, timeout: float | None = None) -> _LeaseContext[T]:
+    def lease(self, *, timeout: float | Default | None = DEFAULT) -> LeaseContext[T]:
         """Lease a resource for the duration of an ``async with`` block.
 
         ``async with pool.lease() as resource:`` acquires (as :meth:`acquire`), yields the
@@ -1018,15 +1135,18 @@ class ResourcePool(Generic[T]):
         awaits (protected from cancellation; a cancellation that arrives meanwhile is raised
         once the resource is back).
 
+        Args:
+            timeout: As for :meth:`acquire`; left out, the pool's ``timeout``.
+
         Raises:
             PoolEmptyError: The pool has no factory and owns no resource (on entry).
             PoolTimeoutError: No resource within ``timeout`` (on entry).
+            PoolOverloadedError: ``max_waiting`` tasks wait already (on entry).
+            PoolPausedError: The pool was paused with ``pause(reject=True)`` (on entry).
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
             RuntimeError: Used from an event loop other than the pool's (on entry).
         """
-        if timeout is not None:
-            check_seconds("timeout", timeout)
-        return _LeaseContext(self, timeout)
+        return LeaseContext(self, self._resolve_timeout(timeout))
 
     async def release(self, resource: T) -> None:
         """Give back a leased resource, or add a new resource to the pool.
@@ -1047,10 +1167,20 @@ class ResourcePool(Generic[T]):
                 (released twice).
             RuntimeError: Called from an event loop other than the pool's; nothing changed.
         """
-        limiter = self._enter()
+        # The event loop check of _enter, inline: this is every return's path.
+        try:
+            running = _trio_token() if self._trio else _get_running_loop()
+        except RuntimeError:
+            running = None
+        limiter = self._limiter
+        if running is not self._loop or limiter is None:
+            limiter = self._enter()
         lease = self._leased.get(id(resource))
         if lease is not None:
-            await self._give_back(lease)
+            if self._plain_return and not self._closed and self._size <= self._max_size:
+                self._give_back_plainly(lease)
+            else:
+                await self._give_back(lease)
             return
         if id(resource) in self._owned:
             raise ValueError(
@@ -1071,7 +1201,7 @@ class ResourcePool(Generic[T]):
             limiter.total_tokens = self._size
         if self._waiters:
             self._serve()
-        self._schedule_upkeep(self._next_due())
+        self._schedule_upkeep(_upkeep.next_due(self))
 
     async def discard(self, resource: T) -> None:
         """Dispose a leased resource and free its slot (for a resource found broken).
@@ -1095,7 +1225,20 @@ class ResourcePool(Generic[T]):
         if deferred is not None:
             raise deferred
 
-    async def _give_back(self, lease: _Lease) -> None:
+    def _give_back_plainly(self, lease: Lease) -> None:
+        """The common return (no hook, nothing timed, not closed or shrunk), sync."""
+        entry = lease.entry
+        assert entry is not None
+        del self._leased[id(entry.resource)]
+        lease.entry = None
+        held = self._clock() - lease.acquired_at
+        self._record_use(held)
+        if self._on_timing is not None:
+            self._timed("use", held)
+        self._idle.append(entry)
+        self._release_token(lease)
+
+    async def _give_back(self, lease: Lease) -> None:
         """Return a leased resource to idle (or a waiter) or dispose it; never lost."""
         entry = self._unbind(lease)
         ok = True
@@ -1109,13 +1252,15 @@ class ResourcePool(Generic[T]):
             reason = "closed"
         elif self._size > self._max_size:
             reason = "shrunk"
+        elif entry.generation != self._generation:
+            reason = "drained"
         elif self._max_lifetime is not None and entry.retire_at <= anyio.current_time():
             reason = "lifetime"
         if reason is None:
             self._idle.append(entry)
-            if self._max_idle_time is not None or self._max_lifetime is not None:
+            if self._needs_clock():
                 entry.idle_since = anyio.current_time()
-                self._schedule_upkeep(self._entry_due(entry))
+                self._schedule_upkeep(_upkeep.entry_due(self, entry))
             self._release_token(lease)
         else:
             self._forget(entry, reason)
@@ -1145,7 +1290,7 @@ class ResourcePool(Generic[T]):
         self._max_size = max_size
         if self._factory is not None:
             limiter.total_tokens = max_size
-        surplus: list[_Entry] = []
+        surplus: list[Entry] = []
         while self._size - len(surplus) > self._max_size and self._idle:
             surplus.append(self._idle.pop(0))  # the longest idle first
         if self._waiters:
@@ -1168,13 +1313,124 @@ class ResourcePool(Generic[T]):
         if not callable(predicate):
             raise TypeError(f"predicate must be callable, got {type(predicate).__name__}")
         self._enter()
-        keep: list[_Entry] = []
-        doomed: list[_Entry] = []
+        keep: list[Entry] = []
+        doomed: list[Entry] = []
         for entry in self._idle:
             (keep if predicate(entry.resource) else doomed).append(entry)
         self._idle[:] = keep
         await self._dispose_entries(doomed, "discarded")
         return len(doomed)
+
+    def _warn_still_leased(self) -> None:
+        """Log, for each resource still leased at the close, who holds it and where."""
+        leases = list(self._leased.values())
+        resources = [lease.entry.resource for lease in leases if lease.entry is not None]
+        holders = find_holders(resources, self._trio)
+        for lease, resource in zip(leases, resources, strict=True):
+            where = (
+                lease.where or holders.get(id(resource)) or "by no running task: never given back"
+            )
+            logger.warning(
+                "%r was still leased when %r closed (held %s); it is disposed when it comes "
+                "back. Give resources back with 'async with pool.lease()' or release().",
+                resource,
+                self,
+                where if where.startswith("by ") else f"at {where}",
+            )
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Make ``min_idle`` resources and wait until they are idle.
+
+        ``async with pool:`` does this by itself; call it for a pool that is not entered that
+        way, or after :meth:`drain`. Resources are made one after another, each under a
+        capacity token, so waiters are never overtaken; it returns early when the pool has
+        no room left for them (its resources are leased). A checkpoint.
+
+        Cancellation: resources made before it was cancelled stay in the pool, idle.
+
+        Args:
+            timeout: Seconds to wait at most; ``None`` waits for ever.
+
+        Raises:
+            PoolTimeoutError: Not ready within ``timeout`` (what was made stays).
+            Exception: The factory's error (what was made before stays).
+            PoolClosedError: The pool is closed.
+            RuntimeError: Called from an event loop other than the pool's.
+        """
+        seconds = check_seconds("timeout", timeout)
+        if self._closed:
+            raise self._closed_error()
+        self._enter()
+        if seconds is None:
+            await self._fill_to_min_idle()
+            return
+        try:
+            with anyio.fail_after(seconds) as scope:
+                await self._fill_to_min_idle()
+        except TimeoutError:
+            if not scope.cancelled_caught:
+                raise  # the factory's own TimeoutError
+            raise PoolTimeoutError(
+                f"{self!r} did not have min_idle={self._min_idle} resources ready within "
+                f"{seconds} s"
+            ) from None
+
+    async def _fill_to_min_idle(self) -> None:
+        await self._checkpoint()
+        await _upkeep.prefill(self)  # creations under tokens, as upkeep makes them
+
+    def pause(self, *, reject: bool = False) -> None:
+        """Stop handing out resources until :meth:`resume` (HikariCP's suspend).
+
+        While paused, acquisitions wait (``reject=False``) or fail at once with
+        :class:`~darwin_metrics.PoolPausedError` (``reject=True``); tasks already waiting go
+        on waiting. Leases out keep working and can be given back. Not a checkpoint.
+        """
+        if not isinstance(reject, bool):
+            raise TypeError(f"reject must be a bool, got {type(reject).__name__} {reject!r}")
+        self._paused = True
+        self._pause_rejects = reject
+
+    def resume(self) -> None:
+        """Hand out resources again after :meth:`pause`; the waiting tasks are served at once.
+
+        Not a checkpoint. Raises :class:`RuntimeError` from another event loop.
+        """
+        if self._paused:
+            if self._limiter is not None:
+                self._enter()
+            self._paused = self._pause_rejects = False
+            if self._waiters:
+                self._serve()
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` was called and :meth:`resume` not yet."""
+        return self._paused
+
+    async def drain(self) -> int:
+        """Replace every resource (HikariCP's soft evict): for a credential rotation, a failover.
+
+        Every idle resource is disposed now, and every leased one as it comes back; new
+        acquisitions get fresh resources (with a factory; upkeep refills ``min_idle``).
+        Returns how many idle resources were disposed now.
+
+        Not a checkpoint, unless a ``dispose`` hook awaits; disposal completes even when the
+        calling task is cancelled (the cancellation is raised afterwards).
+
+        Raises:
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
+        """
+        self._enter()
+        self._generation += 1
+        idle = self._idle[:]
+        self._idle.clear()  # the same list: a checkout in its fast path must not see a close
+        # Every resource owned now belongs to an older generation.
+        self._draining = self._size
+        self._update_fast_paths()
+        self._wake_upkeep()
+        await self._dispose_entries(idle, "drained")
+        return len(idle)
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.
@@ -1191,6 +1447,8 @@ class ResourcePool(Generic[T]):
             return
         self._enter()
         self._closed = True
+        if self._leased:
+            self._warn_still_leased()
         self._wake_all_waiters()  # each raises PoolClosedError
         if self._upkeep_scope is not None:
             self._upkeep_scope.cancel()
@@ -1198,12 +1456,17 @@ class ResourcePool(Generic[T]):
         await self._dispose_entries(idle, "closed")
 
     async def __aenter__(self) -> Self:
-        """Start upkeep (prefill, idle reaping, retirement, leak warnings) in a task group.
+        """Fill the pool to ``min_idle``, then start upkeep in a task group.
 
-        The task group lives exactly as long as the ``async with`` block; on exit the pool
-        is closed.
+        Entering waits until ``min_idle`` resources are idle (as asyncpg's ``create_pool``
+        and psycopg_pool's ``open(wait=True)`` do), for at most ``ready_timeout``; then
+        upkeep (refilling, idle reaping, retirement, keepalive, leak warnings) runs in a
+        task group that lives exactly as long as the ``async with`` block. On exit the pool
+        is closed. A checkpoint; if entering raises, the pool is closed and nothing runs.
 
         Raises:
+            PoolTimeoutError: ``min_idle`` resources were not ready within ``ready_timeout``.
+            Exception: The factory's error, when it failed during that first fill.
             PoolClosedError: The pool is closed.
             RuntimeError: The block is already running, or the pool belongs to another
                 event loop.
@@ -1216,8 +1479,17 @@ class ResourcePool(Generic[T]):
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        try:
+            await self.wait_ready(self._ready_timeout)
+        except BaseException as exc:
+            self._task_group = None
+            try:
+                await self.aclose()  # its disposals complete whatever cancels us
+            finally:
+                await exit_task_group(task_group, type(exc), exc, exc.__traceback__)
+            raise
         self._upkeep_scope = CancelScope()
-        task_group.start_soon(self._upkeep, self._upkeep_scope, name=f"upkeep of {self!r}")
+        task_group.start_soon(_upkeep.run, self, self._upkeep_scope, name=f"upkeep of {self!r}")
         return self
 
     async def __aexit__(
@@ -1246,228 +1518,37 @@ class ResourcePool(Generic[T]):
         if wakeup is not None:
             wakeup.set()
 
+    def _needs_upkeep(self) -> None:
+        """Upkeep has work (a checkout below min_idle, an idle resource to time): wake it."""
+        if self._upkeep_wakeup is not None:
+            self._upkeep_wakeup.set()
+        elif self._task_group is None and not self._warned_upkeep and not self._closed:
+            self._warn_no_upkeep()
+
+    def _warn_no_upkeep(self) -> None:
+        """Upkeep was needed and nothing runs it: say so, once."""
+        options = [
+            f"{name}={value!r}"
+            for name, value in (
+                ("min_idle", self._min_idle or None),
+                ("max_idle_time", self._max_idle_time),
+                ("keepalive", self._keepalive),
+            )
+            if value is not None
+        ]
+        if not options:
+            return
+        self._warned_upkeep = True
+        warnings.warn(
+            f"{self!r} was given {', '.join(options)}, which the upkeep task of "
+            "'async with pool:' carries out; this pool is used without it, so they have no "
+            "effect. Use 'async with pool:' (or call 'await pool.wait_ready()' for min_idle "
+            "alone).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _schedule_upkeep(self, due: float) -> None:
         """Wake the upkeep task if it sleeps past ``due``."""
         if due < self._upkeep_due:
-            self._wake_upkeep()
-
-    def _warn_leak(self, resource: object, lease: _Lease, held: float) -> None:
-        lease.warned = True
-        logger.warning(
-            "a lease of %r has been held for %.3g s (leak_threshold=%s s); acquired at %s",
-            resource,
-            held,
-            self._leak_threshold,
-            lease.where or "<unknown>",
-        )
-
-    async def _upkeep(self, scope: CancelScope) -> None:
-        backoff = 0.0
-        retry_prefill_at = -math.inf
-        with scope:
-            while True:
-                self._upkeep_wakeup = wakeup = anyio.Event()
-                self._upkeep_due = -math.inf  # awake: changes need no wake-up
-                await self._dispose_entries(self._collect_expired())
-                if anyio.current_time() >= retry_prefill_at:
-                    try:
-                        await self._prefill()
-                    except Exception:
-                        backoff = min(max(backoff * 2, 0.1), _PREFILL_BACKOFF_MAX)
-                        retry_prefill_at = anyio.current_time() + backoff
-                        logger.exception("prefill failed; retrying in %.3g s", backoff)
-                    else:
-                        backoff = 0.0
-                now = anyio.current_time()
-                due = self._next_due()
-                if retry_prefill_at > now and len(self._idle) < self._min_idle:
-                    due = min(due, retry_prefill_at)
-                # Anything else that needs upkeep sooner (a checkout below min_idle, a
-                # creation that ended, a resize) sets the wake-up event.
-                self._upkeep_due = due
-                if due > now:
-                    with anyio.move_on_after(due - now):
-                        await wakeup.wait()
-                else:
-                    await checkpoint()
-
-    def _expiry_reason(self, entry: _Entry) -> DisposalReason:
-        """Why upkeep takes out an expired idle entry."""
-        return "lifetime" if entry.retire_at <= anyio.current_time() else "idle"
-
-    def _collect_expired(self) -> list[_Entry]:
-        """Take out idle resources that are past max_idle_time or max_lifetime (sync).
-
-        The caller forgets and disposes them.
-        """
-        now = anyio.current_time()
-        doomed: list[_Entry] = []
-        if self._idle and (self._max_idle_time is not None or self._max_lifetime is not None):
-            keep: list[_Entry] = []
-            # Oldest-idle first, so the most recently used ones stay when min_idle binds.
-            removable = len(self._idle) - self._min_idle
-            for entry in self._idle:
-                if entry.retire_at <= now or (
-                    removable > 0
-                    and self._max_idle_time is not None
-                    and now >= entry.idle_since + self._max_idle_time
-                ):
-                    doomed.append(entry)
-                    removable -= 1
-                else:
-                    keep.append(entry)
-            self._idle[:] = keep
-        if self._leak_threshold is not None:
-            for lease in self._leased.values():
-                if (
-                    not lease.warned
-                    and lease.entry is not None
-                    and now >= lease.acquired_at + self._leak_threshold
-                ):
-                    self._warn_leak(lease.entry.resource, lease, now - lease.acquired_at)
-        return doomed
-
-    def _entry_due(self, entry: _Entry) -> float:
-        """When upkeep must look at an idle entry next."""
-        if self._max_idle_time is None or len(self._idle) <= self._min_idle:
-            return entry.retire_at
-        return min(entry.retire_at, entry.idle_since + self._max_idle_time)
-
-    def _next_due(self) -> float:
-        due = math.inf
-        for entry in self._idle:
-            due = min(due, self._entry_due(entry))
-        if self._leak_threshold is not None:
-            for lease in self._leased.values():
-                if not lease.warned:
-                    # The very expression _collect_expired tests, so rounding can't make
-                    # upkeep wake before it is due, again and again.
-                    due = min(due, lease.acquired_at + self._leak_threshold)
-        return due
-
-    async def _prefill(self) -> None:
-        """Create idle resources up to ``min_idle``, each under a capacity token.
-
-        Holding a token while creating keeps the limiter's promise that every token holder
-        finds an idle resource or room to create one; releasing it after the resource is
-        idle hands the new resource to the longest waiter, if any. When tasks are waiting
-        (no token to be had), prefill stands back: they create their own.
-        """
-        limiter = self._limiter
-        assert limiter is not None
-        while (
-            not self._closed
-            and self._factory is not None
-            and not self._waiters
-            and len(self._idle) + self._creating < self._min_idle
-            and self._size + self._creating < self._max_size
-        ):
-            borrower = _Lease()
-            try:
-                limiter.acquire_on_behalf_of_nowait(borrower)
-            except WouldBlock:
-                return
-            try:
-                entry = await self._create()
-            except BaseException:
-                self._release_token(borrower)
-                raise
-            if self._is_closed() or self._size > self._max_size:  # closed or shrunk meanwhile
-                self._forget(entry, "closed" if self._is_closed() else "shrunk")
-                self._release_token(borrower)
-                deferred = await self._dispose_resource(entry.resource)
-                if deferred is not None:
-                    raise deferred
-                continue
-            self._idle.append(entry)
-            self._release_token(borrower)
-
-
-class _LeaseContext(_Lease, Generic[T]):
-    """The async context manager returned by :meth:`ResourcePool.lease`.
-
-    It is its own lease record and limiter borrower: one object per lease.
-    """
-
-    __slots__ = ("_entered", "_pool", "_timeout")
-
-    def __init__(self, pool: ResourcePool[T], timeout: float | None) -> None:
-        # The _Lease fields, set here rather than through super().__init__(): this is the
-        # hot path of every lease.
-        self.entry = None
-        self.acquired_at = 0.0
-        self.where = ""
-        self.warned = False
-        self.granted = False
-        self.parker = None
-        self._pool = pool
-        self._timeout = timeout
-        self._entered = False
-
-    async def __aenter__(self) -> T:
-        if self._entered:
-            raise RuntimeError("a lease context can be entered only once")
-        self._entered = True
-        pool = self._pool
-        if await pool._take(self, self._timeout) is None:
-            raise PoolEmptyError(
-                f"{pool!r} owns no resource and has no factory: release a resource into it "
-                "or give it a factory"
-            )
-        entry = self.entry
-        assert entry is not None
-        resource: T = entry.resource
-        return resource
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        # The same task entered the lease, so the event loop is the pool's: no check here.
-        entry = self.entry
-        if entry is None:
-            return  # discarded or released inside the block
-        pool = self._pool
-        if pool._plain_return and not pool._closed and pool._size <= pool._max_size:
-            # The common case, without a coroutine: back to idle, token to the next waiter.
-            del pool._leased[id(entry.resource)]
-            self.entry = None
-            held = pool._clock() - self.acquired_at
-            use = pool._use_time  # its observe(), inline: this is every return's path
-            if held <= _FIRST_BOUND:  # a lease in a hot loop: no bisect needed
-                use.counts[0] += 1
-            else:
-                use.counts[_bisect_left(use.bounds, held)] += 1
-            use.sum += held
-            if pool._on_timing is not None:
-                pool._timed("use", held)
-            pool._idle.append(entry)
-            limiter = pool._limiter
-            assert limiter is not None
-            limiter.release_on_behalf_of(self)
-            if pool._waiters:
-                pool._serve()
-        else:
-            await pool._give_back(self)
-
-
-# The backends' own checkpoint, clock and loop identity, resolved once for the hot paths.
-_get_running_loop = asyncio.get_running_loop
-if TYPE_CHECKING:
-    _trio_checkpoint = checkpoint
-
-    def _trio_token() -> object: ...
-    def _trio_clock() -> Any: ...
-else:
-    try:
-        from trio.lowlevel import checkpoint as _trio_checkpoint
-        from trio.lowlevel import current_clock as _trio_clock
-        from trio.lowlevel import current_trio_token as _trio_token
-    except ImportError:  # trio is optional; the pool never calls these without it
-        _trio_checkpoint = checkpoint
-        _trio_clock = None
-
-        def _trio_token() -> object:
-            raise RuntimeError("trio is not installed")
+            self._needs_upkeep()

@@ -11,7 +11,7 @@ from .._histogram import Histogram
 __all__ = ["DisposalReason", "PoolDisposals", "PoolStatistics", "TimingKind"]
 
 DisposalReason = Literal[
-    "discarded", "check_failed", "reset_failed", "idle", "lifetime", "shrunk", "closed"
+    "discarded", "check_failed", "reset_failed", "idle", "lifetime", "shrunk", "drained", "closed"
 ]
 """Why a resource left a pool: one field of :class:`PoolDisposals`."""
 
@@ -27,7 +27,8 @@ class PoolDisposals:
     """Given to :meth:`~darwin_metrics.resource.ResourcePool.discard`, or refused by
     :meth:`~darwin_metrics.resource.ResourcePool.retain`."""
     check_failed: int
-    """Failed the ``check`` hook on checkout (returned false, raised, or was interrupted)."""
+    """Failed the ``check`` hook on checkout or creation, or ``ping`` while idle (returned
+    false, raised, or was interrupted)."""
     reset_failed: int
     """Failed the ``reset`` hook on return (raised, or ran past ``hook_timeout``)."""
     idle: int
@@ -37,6 +38,8 @@ class PoolDisposals:
     shrunk: int
     """Surplus once :meth:`~darwin_metrics.resource.ResourcePool.resize` made the pool
     smaller."""
+    drained: int
+    """Made before :meth:`~darwin_metrics.resource.ResourcePool.drain` was called."""
     closed: int
     """Idle when the pool closed, or given back after it closed."""
 

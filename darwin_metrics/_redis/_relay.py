@@ -229,20 +229,20 @@ class UsageRelay:
     again), in tracking order, unless it was dropped from the relay's queue (``max_pending``)
     while the server was unreachable. Every other relay on the same stream delivers it to its
     own manager's subscribers at most once, in each publisher's order (the sequence numbers
-    weed out the copies), with :attr:`ResourceUsage.source` set; usages of different
-    publishers interleave as the server received them. A usage that a reader could not read
-    (trimmed by ``MAXLEN ~`` while it lagged by more than about ``maxlen`` entries, lost by a
-    server restart, dropped by its publisher) is counted in the ``missed`` of every
-    subscription open when the reader notices the gap, at the publisher's next entry (a
-    usage, a tick within ``keepalive`` while it is idle, or its goodbye); so for each
-    subscriber ``received + missed`` equals what was published while it was subscribed.
-    Exceptions: a publisher already running when this relay started and not among the
-    stream's last 1,000 entries then is counted from the first of its entries this relay
-    reads; the usages of a publisher that was killed (no goodbye, no more ticks) after the
-    last entry of it that was read are not counted. A ``"wait"`` subscriber whose buffer is
-    full makes the reader wait, so the stream may be trimmed meanwhile: the trimmed usages
-    count as missed, for every subscriber. A usage's trip takes under a millisecond on one
-    host (``benchmarks/RESULTS.md``).
+    weed out the copies), with :attr:`ResourceUsage.source
+    <darwin_metrics.resource.ResourceUsage.source>` set; usages of different publishers
+    interleave as the server received them. A usage that a reader could not read (trimmed by
+    ``MAXLEN ~`` while it lagged by more than about ``maxlen`` entries, lost by a server
+    restart, dropped by its publisher) is counted in the ``missed`` of every subscription open
+    when the reader notices the gap, at the publisher's next entry (a usage, a tick within
+    ``keepalive`` while it is idle, or its goodbye); so for each subscriber ``received +
+    missed`` equals what was published while it was subscribed. Exceptions: a publisher already
+    running when this relay started and not among the stream's last 1,000 entries then is
+    counted from the first of its entries this relay reads; the usages of a publisher that was
+    killed (no goodbye, no more ticks) after the last entry of it that was read are not
+    counted. A ``"wait"`` subscriber whose buffer is full makes the reader wait, so the stream
+    may be trimmed meanwhile: the trimmed usages count as missed, for every subscriber. A
+    usage's trip takes under a millisecond on one host (``benchmarks/RESULTS.md``).
 
     The relay's own connections are ``darwin-metrics-relay-publisher`` and
     ``darwin-metrics-relay-reader`` in ``CLIENT LIST``.
@@ -397,7 +397,10 @@ class UsageRelay:
 
     @property
     def source(self) -> str:
-        """This process's name on the usages it publishes (:attr:`ResourceUsage.source`)."""
+        """This process's name on the usages it publishes.
+
+        Their :attr:`~darwin_metrics.resource.ResourceUsage.source` in other processes.
+        """
         return self._source
 
     @property
