@@ -80,7 +80,7 @@ class _Raw:
 
 
 async def _latency_rows(config: Config, backend: str, url: str) -> list[Row]:
-    samples = 200 if config.quick else 2000
+    samples = 100 if config.quick else 2000
     ours: list[float] = []
     theirs: list[float] = []
     client = coredis.Redis.from_url(url)
@@ -148,7 +148,7 @@ class _Lines:
 
 
 async def _cross_process_rows(config: Config, backend: str, url: str) -> list[Row]:
-    samples = 200 if config.quick else 2000
+    samples = 100 if config.quick else 2000
     ours: list[float] = []
     theirs: list[float] = []
     client = coredis.Redis.from_url(url)
@@ -250,7 +250,7 @@ async def _raw_throughput(url: str, usages: int, key: bytes) -> float:
 
 
 async def _throughput_rows(config: Config, backend: str, url: str) -> list[Row]:
-    usages = 2000 if config.quick else 20_000
+    usages = 1000 if config.quick else 20_000
     rounds = iter(range(1_000_000))
 
     def fresh(make: Callable[[int], Any]) -> Callable[[], Any]:
