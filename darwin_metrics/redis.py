@@ -1,11 +1,13 @@
-"""The shared cache tier on Valkey/Redis: :class:`RedisCache` and its serializers.
+"""Valkey/Redis integrations: the shared cache tier :class:`RedisCache` and its serializers, and
+the usage relay (:class:`UsageRelay`, started by ``ResourceManager.relay()``).
 
 Needs the ``redis`` extra (``pip install 'darwin-metrics[redis]'``, which brings coredis);
-importing this module does not import coredis, using the tier does.
+importing this module does not import coredis, using the tier or the relay does.
 """
 
 from __future__ import annotations
 
+from ._redis._relay import RelayStatistics, UsageRelay
 from ._redis._serializers import JSONSerializer, PickleSerializer, Serializer
 from ._redis._tier import RedisCache, RedisCacheStatistics
 
@@ -14,5 +16,7 @@ __all__ = [
     "PickleSerializer",
     "RedisCache",
     "RedisCacheStatistics",
+    "RelayStatistics",
     "Serializer",
+    "UsageRelay",
 ]

@@ -91,6 +91,10 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
             "L1 hit: tier.get_local vs Cache.get, str keys",
             "L1 miss + L2 hit: get_or_load vs raw GET",
             "invalidation delay, write ack -> peer L1 drop, p99",
+            "relay one-way latency, track -> subscriber in another process, p50",
+            "relay one-way latency, track -> subscriber in another process, p99",
+            "relay latency in one process, track -> peer's subscriber, p50",
+            "relay throughput, track -> peer's subscriber vs raw XADD -> XREAD",
         ):
             assert expected in names
         race = [row for row in rows if row["name"].startswith("race,")]

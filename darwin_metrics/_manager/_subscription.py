@@ -204,13 +204,15 @@ class Channel:
         if moved:
             self._signal_turn()
 
-    async def deliver(self, event: ResourceUsage) -> None:
+    async def deliver(self, event: ResourceUsage, withdraw: bool = True) -> None:
         """Wait until ``event`` has left the backlog for the subscriber's buffer.
 
         The subscriber moves backlog events into its buffer as it makes room. Checkpoint:
         yes. On cancellation, ``event`` is withdrawn from the backlog if it is still there
         (nothing is handed over while waiting, so a native cancellation cannot lose it
         half-way); if the subscriber took it just as the cancellation landed, it keeps it.
+        With ``withdraw=False`` a cancellation leaves it in the backlog, where the subscriber
+        gets it in its turn (a relay whose reading was interrupted: the event was accepted).
         Ends quietly when the subscription ended (the event joined what it can still read)
         or was closed (the subscriber left).
         """
@@ -222,7 +224,8 @@ class Channel:
                     turn = self.turn = anyio.Event()
                 await turn.wait()
         except BaseException:
-            remove_identical(backlog, event)
+            if withdraw:
+                remove_identical(backlog, event)
             raise
 
     def end(self) -> None:
@@ -384,11 +387,13 @@ class Subscription:
 
     @property
     def missed(self) -> int:
-        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``).
+        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``),
+        plus the usages of other processes that the manager's relay could not read.
 
-        ``received + missed`` equals the number of events tracked while it was open. A
-        ``"wait"`` subscriber loses no event this way; an event that a timed-out or cancelled
-        tracking call could not deliver to it is not counted (that call raised).
+        ``received + missed`` equals the number of events tracked while it was open, plus
+        those other processes published meanwhile (see ``ResourceManager.relay``). A
+        ``"wait"`` subscriber loses no event to its buffer; an event that a timed-out or
+        cancelled tracking call could not deliver to it is not counted (that call raised).
         """
         return self._channel.missed
 
