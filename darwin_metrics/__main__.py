@@ -5,10 +5,11 @@
 standard output is not a terminal. See ``darwin-metrics monitor --help``.
 
 Exit status: 0 when done (also when the reader of a pipe went away, as with ``| head``), 1
-when a dependency is missing or standard output cannot be written (a one-line message says
-which), 2 for a usage error (including no command and a ``--save-svg`` path that cannot be
-written), 130 after Ctrl-C (SIGINT) and 143 after SIGTERM (``timeout``, ``kill``): 128 plus the
-signal's number, as shells report a process that a signal ended.
+when a dependency is missing, standard output cannot be written or the ``--redis`` server
+cannot be reached (a one-line message says which), 2 for a usage error (including no command,
+a ``--save-svg`` path that cannot be written and a ``--serve`` address that cannot be
+listened on), 130 after Ctrl-C (SIGINT) and 143 after SIGTERM (``timeout``, ``kill``): 128
+plus the signal's number, as shells report a process that a signal ended.
 """
 
 from __future__ import annotations
@@ -26,14 +27,25 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import anyio
 import attrs
 
 from . import __version__
+from ._errors import RedisUnavailableError, UsageRelayError
 from ._manager import ResourceManager
-from ._monitor import GuardedOutput, MonitorOptions, MonitorRun, render_view, run_monitor
+from ._monitor import (
+    GuardedOutput,
+    MonitorOptions,
+    MonitorRun,
+    fleet_view,
+    render_view,
+    run_monitor,
+)
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 __all__ = ["main"]
 
@@ -42,6 +54,8 @@ _INTERRUPTED = 128 + signal.SIGINT  # 130, as shells report it
 _SVG_WIDTH = 80
 _INSTALL_MONITOR = "pip install 'darwin-metrics[monitor]'"
 _INSTALL_SYSTEM = "pip install 'darwin-metrics[system]'"
+_INSTALL_PROMETHEUS = "pip install 'darwin-metrics[prometheus]'"
+_INSTALL_REDIS = "pip install 'darwin-metrics[redis]'"
 
 
 def _seconds(text: str) -> float:
@@ -112,7 +126,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="PATH",
         help="on exit, also save the view as an SVG picture at PATH (checked at the start)",
     )
+    monitor.add_argument(
+        "--serve",
+        metavar="HOST:PORT",
+        help=(
+            "while monitoring, also serve /metrics for Prometheus at HOST:PORT ([::1]:PORT "
+            "for IPv6, :PORT for every interface, port 0 for a free one; the address is "
+            "printed on standard error): this machine's usage as OpenTelemetry's system "
+            "metrics (system_cpu_utilization_ratio, system_memory_usage_bytes, ...) and the "
+            "monitor's own darwin_resource_* series"
+        ),
+    )
+    _add_redis_option(monitor)
     return parser, monitor
+
+
+def _add_redis_option(monitor: argparse.ArgumentParser) -> None:
+    monitor.add_argument(
+        "--redis",
+        metavar="URL",
+        help=(
+            "also publish this machine's usage to the Valkey/Redis server at URL "
+            "(redis://, rediss:// or unix://) and show every monitor's and relay's there: a "
+            "row per source and resource, or a 'source' field in each JSON line "
+            f"(needs coredis: {_INSTALL_REDIS})"
+        ),
+    )
+
+
+def _check_redis_url(monitor: argparse.ArgumentParser, url: str | None) -> str | None:
+    """Validate ``--redis``; exit with status 2 and a usage message if it is not a URL."""
+    if url is None:
+        return None
+    from ._redis._support import check_url  # no coredis needed to check a URL
+
+    try:
+        check_url(url)
+    except ValueError as error:
+        monitor.error(f"--redis: {error}")
+    return url
 
 
 def _importable(name: str) -> bool:
@@ -143,7 +195,19 @@ def _check_options(monitor: argparse.ArgumentParser, args: argparse.Namespace) -
         backend=args.backend,
         json=use_json,
         save_svg=args.save_svg,
+        serve=None if args.serve is None else _serve_address(monitor, args.serve),
+        redis=_check_redis_url(monitor, args.redis),
     )
+
+
+def _serve_address(monitor: argparse.ArgumentParser, text: str) -> tuple[str | None, int]:
+    """Parse ``--serve HOST:PORT``; if it is malformed, exit with status 2 (one line)."""
+    from ._prometheus._server import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as error:
+        monitor.exit(2, f"{monitor.prog}: error: --serve: {error}\n")
 
 
 def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> MonitorOptions | str:
@@ -170,6 +234,10 @@ def _check_dependencies(options: MonitorOptions, *, live_asked: bool) -> Monitor
         return f"{_PROG} needs psutil to read this machine's usage: {_INSTALL_SYSTEM}"
     if options.save_svg is not None and not _importable("rich"):
         return f"{_PROG} --save-svg needs rich: {_INSTALL_MONITOR}"
+    if options.serve is not None and not _importable("prometheus_client"):
+        return f"{_PROG} --serve needs prometheus-client: {_INSTALL_PROMETHEUS}"
+    if options.redis is not None and not _importable("coredis"):
+        return f"{_PROG} --redis needs coredis: {_INSTALL_REDIS}"
     return options
 
 
@@ -259,6 +327,39 @@ def _only(error: BaseException, kind: type[BaseException]) -> bool:
     )
 
 
+def _relay_error(error: BaseException) -> BaseException | None:
+    """The relay's error (unreachable server, refused key) in ``error``, if that is all."""
+    if isinstance(error, RedisUnavailableError | UsageRelayError):
+        return error
+    inner = getattr(error, "exceptions", None)  # an exception group: look inside
+    if isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
+        return _relay_error(inner[0])
+    return None
+
+
+def _final_view(
+    options: MonitorOptions,
+    manager: ResourceManager,
+    run: MonitorRun | None,
+    elapsed: float,
+    *,
+    final: bool = False,
+) -> RenderableType:
+    """The view printed on exit (and saved by ``--save-svg``): one source, or all of them."""
+    if run is not None and run.source is not None:
+        where = run.server or "redis"
+        return fleet_view(
+            manager,
+            run.source,
+            interval=options.interval,
+            elapsed=elapsed,
+            where=where,
+            final=final,
+        )
+    statistics = manager.usage_statistics()
+    return render_view(statistics, interval=options.interval, elapsed=elapsed, final=final)
+
+
 def _silence_stdout() -> None:
     """Point file descriptor 1 at /dev/null, so that the interpreter's last flush succeeds.
 
@@ -286,6 +387,30 @@ def _cannot_write(error: OSError) -> int:
     return 1
 
 
+class _CannotServe(Exception):
+    """The ``--serve`` address cannot be listened on; the message says why, in one line."""
+
+
+async def _run(options: MonitorOptions, manager: ResourceManager, **kwargs: Any) -> MonitorRun:
+    """Run the monitor, listening on the ``--serve`` address first if there is one."""
+    if options.serve is None:
+        return await run_monitor(options, manager, **kwargs)
+    from prometheus_client import CollectorRegistry
+
+    from ._prometheus._server import MetricsServer
+
+    host, port = options.serve
+    shown = f"[{host}]:{port}" if host and ":" in host else f"{host or ''}:{port}"
+    try:
+        server = await MetricsServer.bind(host, port, registry=CollectorRegistry())
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise _CannotServe(f"--serve {shown}: cannot listen there: {reason}") from None
+    async with server:
+        print(f"{_PROG}: serving metrics at {server.url}", file=sys.stderr, flush=True)
+        return await run_monitor(options, manager, metrics=server, **kwargs)
+
+
 def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
     """Run the monitor until its duration runs out or a signal; return the exit status."""
     out = GuardedOutput(sys.stdout)
@@ -301,7 +426,7 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
     try:
         run = anyio.run(
             functools.partial(
-                run_monitor,
+                _run,
                 options,
                 manager,
                 out=out,
@@ -310,18 +435,23 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
             ),
             backend=options.backend,
         )
+    except _CannotServe as error:  # before anything was shown
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
+        return 2
     except BaseException as error:
+        relay_error = _relay_error(error)
+        if relay_error is not None:  # --redis: the server cannot be reached, or refuses
+            out.flush()
+            print(f"{_PROG}: --redis: {relay_error}", file=sys.stderr)
+            return 1
         if not _only(error, KeyboardInterrupt):  # Ctrl-C before or after the signal receiver
             raise
         status = _INTERRUPTED
     if run is not None and run.signal is not None:
         status = 128 + run.signal
     elapsed = run.elapsed if run is not None else time.monotonic() - started
-    statistics = manager.usage_statistics()
     if console is not None:
-        console.print(
-            render_view(statistics, interval=options.interval, elapsed=elapsed, final=True)
-        )
+        console.print(_final_view(options, manager, run, elapsed, final=True))
     out.flush()
     if svg is not None:
         from rich.console import Console
@@ -330,7 +460,7 @@ def monitor(options: MonitorOptions, svg: _SvgFile | None = None) -> int:
         recorder = Console(
             record=True, width=_SVG_WIDTH, file=io.StringIO(), color_system="truecolor"
         )
-        recorder.print(render_view(statistics, interval=options.interval, elapsed=elapsed))
+        recorder.print(_final_view(options, manager, run, elapsed))
         try:
             svg.save(recorder.export_svg(title="darwin-metrics monitor"))
         except OSError as error:

@@ -24,6 +24,7 @@ __all__ = [
     "ResourceCheckError",
     "SerializationError",
     "TrackingTimeoutError",
+    "UsageRelayError",
 ]
 
 
@@ -32,7 +33,8 @@ class DarwinMetricsError(Exception):
 
 
 class PoolError(DarwinMetricsError):
-    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool`."""
+    """Base class of the errors raised by :class:`~darwin_metrics.resource.ResourcePool` and
+    :class:`~darwin_metrics.resource.KeyedResourcePool`."""
 
 
 class PoolFullError(PoolError):
@@ -55,16 +57,18 @@ class PoolClosedError(PoolError, anyio.ClosedResourceError):
     """The pool was closed before, or while, the operation waited."""
 
 
+class PoolOverloadedError(PoolError):
+    """An acquisition was refused at once because too many tasks already wait.
+
+    Raised instead of waiting when the pool's ``max_waiting`` tasks are already waiting for a
+    resource, so that a service under load sheds work instead of queueing it for ever (as
+    psycopg_pool's ``max_waiting`` does). Nothing was taken and nothing changed; try again
+    later, or answer the request with an error (an HTTP 503, say).
+    """
+
+
 class PoolTimeoutError(PoolError, TimeoutError):
     """No resource became available within the ``timeout`` given to acquire or lease."""
-
-
-class PoolOverloadedError(PoolError):
-    """An acquisition would have made more tasks wait than the pool's ``max_waiting``.
-
-    Nothing was acquired and nothing waits: the caller can shed the load (answer "busy",
-    retry later) instead of queueing for ever.
-    """
 
 
 class PoolPausedError(PoolError):
@@ -108,7 +112,9 @@ class RedisUnavailableError(RedisCacheError, ConnectionError):
 
     The error's ``__cause__`` is the client library's own error. An operation that raised
     this left the in-process tier consistent: a write that may or may not have reached the
-    server has still dropped the key from the process's local cache.
+    server has still dropped the key from the process's local cache. Starting a usage relay
+    (:meth:`ResourceManager.relay <darwin_metrics.resource.ResourceManager.relay>`) raises it
+    too, and then leaves nothing running.
     """
 
 
@@ -118,6 +124,15 @@ class SerializationError(RedisCacheError, ValueError):
     Raised before anything is written (a value the serializer cannot handle), or instead of
     returning what the server holds (bytes the serializer cannot read; nothing is cached
     locally). The error's ``__cause__`` is the serializer's own error.
+    """
+
+
+class UsageRelayError(DarwinMetricsError):
+    """The server refused what a usage relay needs: its stream key holds another type of
+    value, or the user may not run ``XADD`` / ``XREAD`` / ``XINFO`` on it.
+
+    Raised when the relay starts (nothing is left running); the message names the key and
+    the server's answer.
     """
 
 

@@ -11,6 +11,11 @@ Two views read the same subscription:
   batch of usages arrives, that is every interval, and laid out for the terminal's width
   each time it is drawn; a summary is printed on exit.
 
+With ``--redis URL`` (:attr:`MonitorOptions.redis`) the manager also runs a usage relay
+(:meth:`ResourceManager.relay`): it publishes this machine's usages and receives every other
+relay's on the same server, and both views show a row per source and resource
+(:func:`render_fleet_view`), or a ``source`` in each JSON line.
+
 Everything here runs inside one ``anyio.run``, on asyncio or trio; the command line (options,
 missing dependencies, exit statuses) is in ``__main__``. The monitor writes through a
 :class:`GuardedOutput`, so a full disk or a reader that went away ends the run quietly
@@ -38,10 +43,14 @@ if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
     from rich.table import Table
 
+    from ._prometheus._server import MetricsServer
+    from .redis import UsageRelay
+
 __all__ = [
     "GuardedOutput",
     "MonitorOptions",
     "MonitorRun",
+    "render_fleet_view",
     "render_view",
     "run_monitor",
     "usage_json",
@@ -73,6 +82,11 @@ class MonitorOptions:
     """Print JSON lines instead of the live view."""
     save_svg: str | None = None
     """Where to save the final view as an SVG picture, if anywhere."""
+    serve: tuple[str | None, int] | None = None
+    """``(host, port)`` to serve ``/metrics`` on while monitoring (host ``None``: every
+    interface), if anywhere."""
+    redis: str | None = None
+    """A Valkey/Redis URL: relay usages through it and show every source's, or ``None``."""
 
 
 @attrs.frozen
@@ -84,6 +98,10 @@ class MonitorRun:
     signal: signal.Signals | None
     """The signal that stopped it (SIGINT or SIGTERM), or ``None``: its duration ran out, or
     its output failed (see :attr:`GuardedOutput.error`)."""
+    source: str | None = None
+    """This monitor's name on the usages it relayed (with :attr:`MonitorOptions.redis`)."""
+    server: str | None = None
+    """The relay's server, without credentials (with :attr:`MonitorOptions.redis`)."""
 
 
 class GuardedOutput:
@@ -135,14 +153,21 @@ class GuardedOutput:
         return self._stream.fileno()
 
 
-def usage_json(usage: ResourceUsage) -> str:
+def usage_json(usage: ResourceUsage, *, source: str | None = None) -> str:
     """Return one usage as a JSON object on one line.
 
     Its fields are those of :class:`ResourceUsage`: ``resource_type`` (str), ``usage_percent``
     (a number, 0 or more), ``timestamp`` (the event loop's clock, in seconds) and
-    ``wall_time`` (seconds since the epoch).
+    ``wall_time`` (seconds since the epoch), then ``source`` (str): the usage's own source
+    for one relayed from another process, else ``source`` if given (this process's name on
+    the relay); without either, no ``source`` field.
     """
-    return json.dumps(attrs.asdict(usage), allow_nan=False)
+    fields = attrs.asdict(usage)
+    del fields["source"]
+    origin = usage.source if usage.source is not None else source
+    if origin is not None:
+        fields["source"] = origin
+    return json.dumps(fields, allow_nan=False)
 
 
 def _sort_key(resource_type: str) -> tuple[int, str]:
@@ -221,6 +246,10 @@ class _View:
             + "; Ctrl-C to stop"
         )
 
+    def rows(self) -> list[tuple[str, UsageStatistics]]:
+        """The table's rows, in order: cpu, memory and swap first, then the rest by name."""
+        return [(name, self.statistics[name]) for name in sorted(self.statistics, key=_sort_key)]
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         from rich.text import Text
 
@@ -238,7 +267,7 @@ class _View:
         from rich.table import Table
         from rich.text import Text
 
-        rows = [(name, self.statistics[name]) for name in sorted(self.statistics, key=_sort_key)]
+        rows = self.rows()
         figures = [
             (f"{stats.last:.1f}%", f"{stats.max:.1f}%", f"{stats.mean:.1f}%", str(stats.count))
             for _, stats in rows
@@ -318,10 +347,12 @@ def render_view(
     return _View(dict(statistics), interval, elapsed, final)
 
 
-async def _print_json(subscription: Subscription, out: GuardedOutput) -> None:
+async def _print_json(
+    subscription: Subscription, out: GuardedOutput, source: str | None = None
+) -> None:
     # One batch per wake-up: a burst (cpu, memory, swap, then the disks) costs one flush.
     while batch := await subscription.next_batch():
-        out.write("".join(usage_json(usage) + "\n" for usage in batch))
+        out.write("".join(usage_json(usage, source=source) + "\n" for usage in batch))
         out.flush()
         if out.error is not None:
             return
@@ -334,13 +365,19 @@ async def _show_live(
     out: GuardedOutput,
     interval: float,
     started: float,
+    relay: UsageRelay | None = None,
 ) -> None:
     from rich.console import Group
     from rich.live import Live
 
     def view() -> RenderableType:
         elapsed = anyio.current_time() - started
-        table = render_view(manager.usage_statistics(), interval=interval, elapsed=elapsed)
+        if relay is not None:
+            table = fleet_view(
+                manager, relay.source, interval=interval, elapsed=elapsed, where=relay.server
+            )
+        else:
+            table = render_view(manager.usage_statistics(), interval=interval, elapsed=elapsed)
         # An empty last line keeps the cursor at the start of a line: the "^C" a terminal
         # echoes would wrap a line as wide as the terminal, and the view, taken down, would
         # leave its first line behind.
@@ -360,6 +397,7 @@ async def run_monitor(
     out: GuardedOutput,
     console: Console | None = None,
     stop_signals: Sequence[signal.Signals] = (),
+    metrics: MetricsServer | None = None,
 ) -> MonitorRun:
     """Sample this machine with ``manager`` until the duration runs out or a signal stops it.
 
@@ -371,15 +409,25 @@ async def run_monitor(
     keeps ``manager``, so it can print the summary from
     :meth:`ResourceManager.usage_statistics` afterwards.
 
+    With ``metrics``, a listening server, it also serves ``/metrics`` there while it runs
+    (in its task group): this machine's usage under OpenTelemetry's system metric names and
+    the manager's series, read every interval; the server is closed when the run ends.
+
+    With ``options.redis``, a usage relay runs on that server (started before the first
+    sample): this machine's usages are published, every other relay's shown too.
+
     Checkpoint: yes. If cancelled, the sampling stops and the live view is taken down.
 
     Raises:
         BaseExceptionGroup: What the sampling or the view raised, in the monitor's task
             group; for example a ``ModuleNotFoundError`` when psutil (or, for the live
-            view, rich) is not installed, which the command line checks before it starts.
+            view, rich) is not installed, which the command line checks before it starts,
+            or a :exc:`~darwin_metrics.RedisUnavailableError` when the relay's server
+            cannot be reached.
     """
     deadline = math.inf if options.duration == 0 else options.duration
     received: signal.Signals | None = None
+    source = server = None
     started = anyio.current_time()
     with ExitStack() as handlers:  # signal handlers, restored once the task group is done
         async with anyio.create_task_group() as group:
@@ -395,15 +443,114 @@ async def run_monitor(
 
                 group.start_soon(stop_on_signal)
             async with manager:
+                if metrics is not None:  # serving until the group is done
+                    from ._prometheus._system import serve_monitor_metrics
+
+                    await group.start(serve_monitor_metrics, metrics, manager, options.interval)
                 with manager.subscribe(buffer_size=_BUFFER_SIZE) as subscription:
+                    relay = await _start_relay(manager, options)
+                    source = None if relay is None else relay.source
+                    server = None if relay is None else relay.server
                     manager.sample_system(interval=options.interval)
                     with anyio.move_on_after(deadline):
                         if options.json:
-                            await _print_json(subscription, out)
+                            await _print_json(subscription, out, source)
                         else:
                             assert console is not None
                             await _show_live(
-                                manager, subscription, console, out, options.interval, started
+                                manager,
+                                subscription,
+                                console,
+                                out,
+                                options.interval,
+                                started,
+                                relay,
                             )
             group.cancel_scope.cancel()  # done: stop waiting for signals
-    return MonitorRun(elapsed=anyio.current_time() - started, signal=received)
+    elapsed = anyio.current_time() - started
+    return MonitorRun(elapsed=elapsed, signal=received, source=source, server=server)
+
+
+# ---------------------------------------------------------------------- the fleet (--redis)
+
+
+@attrs.frozen
+class _FleetView(_View):
+    """The monitor's table with a row per source and resource, this machine's first."""
+
+    sources: int = 0
+    where: str = ""
+
+    def title(self) -> str:
+        plural = "s" * (self.sources != 1)
+        return (
+            f"darwin-metrics monitor: {self.sources} source{plural} via {self.where}, "
+            f"every {self.interval:g} s"
+        )
+
+    def rows(self) -> list[tuple[str, UsageStatistics]]:
+        return list(self.statistics.items())  # ordered by render_fleet_view
+
+
+def render_fleet_view(
+    local_source: str,
+    local: Mapping[str, UsageStatistics],
+    remote: Mapping[str, Mapping[str, UsageStatistics]],
+    *,
+    interval: float,
+    elapsed: float,
+    where: str = "redis",
+    final: bool = False,
+) -> RenderableType:
+    """Return the monitor's view of several sources: a row per source and resource.
+
+    Rows are named ``"<source> <resource>"``: this process's (``local``, named
+    ``local_source``) first, then the other sources by name, each with cpu, memory and swap
+    first. The layout adapts to the width as :func:`render_view`'s does.
+
+    Args:
+        local_source: This process's name on the relay.
+        local: What this process tracked (:meth:`ResourceManager.usage_statistics`).
+        remote: What other processes relayed, by source
+            (:meth:`ResourceManager.usage_statistics_by_source`).
+        interval: The sampling interval, for the title.
+        elapsed: Seconds since the monitor started, for the caption.
+        where: The relay's server, for the title.
+        final: Whether this is the summary printed on exit.
+    """
+    rows: dict[str, UsageStatistics] = {}
+    sources = [(local_source, local)]
+    sources += sorted((name, stats) for name, stats in remote.items() if name != local_source)
+    for name, statistics in sources:
+        for resource in sorted(statistics, key=_sort_key):
+            rows[f"{name} {resource}"] = statistics[resource]
+    count = len([name for name, statistics in sources if statistics])
+    return _FleetView(rows, interval, elapsed, final, sources=count, where=where)
+
+
+def fleet_view(
+    manager: ResourceManager,
+    source: str,
+    *,
+    interval: float,
+    elapsed: float,
+    where: str = "redis",
+    final: bool = False,
+) -> RenderableType:
+    """:func:`render_fleet_view` of what ``manager`` holds now (``source``: its relay's name)."""
+    return render_fleet_view(
+        source,
+        manager.usage_statistics(),
+        manager.usage_statistics_by_source(),
+        interval=interval,
+        elapsed=elapsed,
+        where=where,
+        final=final,
+    )
+
+
+async def _start_relay(manager: ResourceManager, options: MonitorOptions) -> UsageRelay | None:
+    """Start the usage relay that ``--redis`` asks for, or nothing."""
+    if options.redis is None:
+        return None
+    return await manager.relay(options.redis)

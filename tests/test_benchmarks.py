@@ -1,4 +1,7 @@
-"""The benchmark suite keeps working: ``python -m benchmarks --quick`` runs and reports.
+"""The benchmark suite keeps working: ``python -m benchmarks --smoke`` runs and reports.
+
+``--smoke`` is ``--quick`` with the smallest sizes, so that every row runs within the test
+suite's time; ``--quick`` and full runs share the same code.
 
 No test here asserts a speed: the figures depend on the machine.
 """
@@ -28,7 +31,7 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--json", str(report)],
+        [sys.executable, "-m", "benchmarks", "--smoke", "--json", str(report)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -43,7 +46,7 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     rows = data["rows"]
     # The redis area needs a server binary (the tests' own); CI requires one.
     redis = not isinstance(find_server_binary(), str) or os.environ.get(REQUIRE_ENV) == "1"
-    areas = {"pool", "cache", "broadcast"} | ({"redis", "limiter"} if redis else set())
+    areas = {"pool", "cache", "broadcast", "export"} | ({"redis", "limiter"} if redis else set())
     assert {row["area"] for row in rows} == areas
     assert {row["backend"] for row in rows} >= {"asyncio", "trio"}
     for row in rows:
@@ -57,9 +60,13 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     names = {row["name"] for row in rows}
     for expected in (
         "lease() cycle, uncontended",
+        "keyed lease(key) cycle, 50 keys, uncontended",
+        "max_waiting=0: acquire refused (PoolOverloadedError)",
         "get hit, int keys",
         "set, str keys",
         "track_resource_usage, 100 subscribers",
+        "lease() cycle, uncontended: with histograms",
+        "recording one lease's use time",
     ):
         assert expected in names
     assert any(name.startswith("hit ratio") for name in names)
@@ -76,11 +83,18 @@ def test_quick_run_reports_every_area(tmp_path: Path) -> None:
     assert any(name.startswith("memory per entry") for name in names)
     assert any(name.startswith("two threads") for name in names)
     assert any(name.startswith("contended") for name in names)
+    assert any(
+        name.startswith("one scrape, 10 pools + 10 caches + 100 resource types") for name in names
+    )
     if redis:
         for expected in (
             "L1 hit: tier.get_local vs Cache.get, str keys",
             "L1 miss + L2 hit: get_or_load vs raw GET",
             "invalidation delay, write ack -> peer L1 drop, p99",
+            "relay one-way latency, track -> subscriber in another process, p50",
+            "relay one-way latency, track -> subscriber in another process, p99",
+            "relay latency in one process, track -> peer's subscriber, p50",
+            "relay throughput, track -> peer's subscriber vs raw XADD -> XREAD",
         ):
             assert expected in names
         assert "uncontended acquire+release vs one raw EVALSHA" in names

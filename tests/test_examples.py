@@ -24,6 +24,20 @@ pytest.importorskip("trio")
 
 # What each example must print, beyond exiting with status 0.
 EXPECTED = {
+    "keyed_pool.py": [
+        "4 servers listening on 127.0.0.1: ports ",
+        "most connections at once: 4 in all, 2 per server (limits: 4 and 2)",
+        "connections closed to make room for another shard's waiting requests: ",
+        "four idle connections to the others\n  idle before: {'shard-",
+        "shard-d: hello there",
+        "; evicted: 1\n",
+        "4 leased, 0 idle, shards: ['shard-a', 'shard-b']",
+        "after 1 release: shard-c is served (1 connection), 4 tasks of the busy shards",
+        "30 tasks waiting",
+        "PoolOverloadedError: 30 tasks are already waiting",
+        "rejected: 1",
+        "open connections after the pool closed: 0",
+    ],
     "pool_leases.py": [
         "echo server listening on 127.0.0.1:",
         "twenty tasks share three connections",
@@ -47,6 +61,17 @@ EXPECTED = {
         "usage statistics:",
         "mean=",
         "peaks, from get_usage_stats(): cpu 90.0%, memory 54.5%",
+    ],
+    "prometheus_export.py": [
+        "serving metrics at http://127.0.0.1:",
+        "a scrape while the workers run (",
+        "a scrape once they are done (",
+        # Deterministic once the workers are done: 8 workers x 6 leases, all returned.
+        'darwin_pool_connections{pool="db",state="idle"} 4.0',
+        'darwin_pool_acquired_total{pool="db"} 48.0',
+        'darwin_pool_use_seconds_bucket{le="+Inf",pool="db"} 48.0',
+        'darwin_resource_utilization_peak_ratio{manager="app",resource_type="pool:db"} 1.0',
+        "the server answered 2 scrapes",
     ],
     "system_monitor.py": [
         "cpu",

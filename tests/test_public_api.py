@@ -7,11 +7,21 @@ import types
 import pytest
 
 import darwin_metrics
+import darwin_metrics.otel
+import darwin_metrics.prometheus
 import darwin_metrics.redis
 import darwin_metrics.resource
 
+MODULES = [
+    darwin_metrics,
+    darwin_metrics.otel,
+    darwin_metrics.prometheus,
+    darwin_metrics.redis,
+    darwin_metrics.resource,
+]
 
-@pytest.mark.parametrize("module", [darwin_metrics, darwin_metrics.redis, darwin_metrics.resource])
+
+@pytest.mark.parametrize("module", MODULES)
 def test_all_is_sorted_and_complete(module: types.ModuleType) -> None:
     exported = module.__all__
     assert list(exported) == sorted(exported)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from .._errors import TrackingTimeoutError
 from .._lowlevel import current_loop, running_loop_or_none, wrong_loop_error
 from .._pool import ResourcePool
 from .._tasks import exit_task_group
+from ._deadlock import current_task, stuck_waiters
 from ._samplers import PoolWatcher, Readings, SystemReader, pool_usage
 from ._subscription import Channel, OverflowPolicy, Subscription, remove_identical
 from ._usage import (
@@ -47,10 +49,15 @@ from ._usage import (
 )
 
 if TYPE_CHECKING:
+    import coredis
     from anyio.abc import TaskGroup
     from typing_extensions import Self
 
+    from .._redis._relay import UsageRelay
+
 __all__ = ["ResourceManager"]
+
+_DEADLOCK_CHECK_INTERVAL = 1.0  # seconds between two looks of the deadlock watchdog
 
 
 class ResourceManager:
@@ -98,8 +105,12 @@ class ResourceManager:
         "_cache",
         "_channels",
         "_cleanup_interval",
+        "_exited",
+        "_host",
         "_loop",
         "_missed",
+        "_publishers",
+        "_sources",
         "_stats",
         "_task_group",
         "_trio",
@@ -134,6 +145,12 @@ class ResourceManager:
         self._loop: object | None = None
         self._trio = False
         self._missed = 0
+        self._host: object = None  # the task running the 'async with' block
+        self._exited = False  # the block ended (until it is entered again)
+        # Called with every tracked usage (the relays' publish hooks); replaced, never mutated.
+        self._publishers: tuple[Callable[[ResourceUsage], None], ...] = ()
+        # The statistics of the usages relayed from other processes: source -> type -> Record.
+        self._sources: dict[str, dict[str, Record]] = {}
 
     # ------------------------------------------------------------------ the event loop
 
@@ -169,6 +186,12 @@ class ResourceManager:
         """
         policy = check_overflow(overflow)
         size = check_buffer_size(buffer_size, policy)
+        if self._exited and self._task_group is None:
+            raise RuntimeError(
+                f"{self!r}: its 'async with' block has ended, and with it every "
+                "subscription; a new one would never receive anything nor end. Subscribe "
+                "before the block ends (or enter the manager again)."
+            )
         channel = Channel(self, size, policy == "wait")
         self._channels = (*self._channels, channel)
         return Subscription(channel)
@@ -180,7 +203,8 @@ class ResourceManager:
 
     @property
     def missed_events(self) -> int:
-        """Events dropped for ``"drop_oldest"`` subscribers whose buffer was full, in total.
+        """Events dropped for ``"drop_oldest"`` subscribers whose buffer was full, and relayed
+        usages that could not be read (once per open subscription), in total.
 
         The sum of every subscription's :attr:`Subscription.missed`, closed ones included:
         it only grows (a counter, for export).
@@ -196,9 +220,10 @@ class ResourceManager:
     async def track_resource_usage(self, resource_type: str, usage: float) -> None:
         """Record a usage and deliver it to every subscriber.
 
-        The statistics are updated first, in one step; then every open subscription gets the
-        event with ``send_nowait``. Only ``"wait"`` subscribers whose buffer is full make it
-        wait, after all the others got the event.
+        The statistics are updated first, in one step; then each running :meth:`relay`
+        queues the usage for other processes (never waiting); then every open subscription
+        gets the event with ``send_nowait``. Only ``"wait"`` subscribers whose buffer is full
+        make it wait, after all the others got the event.
 
         Args:
             resource_type: What was measured: a non-empty str.
@@ -219,6 +244,8 @@ class ResourceManager:
         self._enter()
         await checkpoint()
         event = self._record(resource_type, value)
+        for publish in self._publishers:
+            publish(event)
         blocked = self._fan_out(event)
         if blocked is not None:
             await self._deliver_blocked(event, blocked)
@@ -252,6 +279,8 @@ class ResourceManager:
         self._enter()
         await checkpoint()
         event = self._record(resource_type, value)
+        for publish in self._publishers:
+            publish(event)
         blocked = self._fan_out(event)
         if blocked is not None:
             with anyio.move_on_after(seconds) as scope:
@@ -322,14 +351,21 @@ class ResourceManager:
                 continue
             return blocked
 
-    async def _deliver_blocked(self, event: ResourceUsage, blocked: list[Channel]) -> None:
+    async def _deliver_blocked(
+        self, event: ResourceUsage, blocked: list[Channel], *, withdraw: bool = True
+    ) -> None:
+        """Wait until every ``"wait"`` subscriber in ``blocked`` has room for ``event``.
+
+        Cancelled, it withdraws the event from those it did not reach, unless ``withdraw``
+        is false (see :meth:`Channel.deliver`).
+        """
         if len(blocked) == 1:
-            await blocked[0].deliver(event)
+            await blocked[0].deliver(event, withdraw)
             return
         # One task per subscriber, so one slow subscriber does not hold the others' backlogs.
         async with anyio.create_task_group() as task_group:
             for channel in blocked:
-                task_group.start_soon(channel.deliver, event)
+                task_group.start_soon(channel.deliver, event, withdraw)
 
     # ------------------------------------------------------------------ statistics
 
@@ -344,6 +380,34 @@ class ResourceManager:
     def usage_statistics(self) -> dict[str, UsageStatistics]:
         """Return a snapshot of what was recorded for each resource type."""
         return {name: UsageStatistics(*record) for name, record in list(self._stats.items())}
+
+    def usage_statistics_by_source(self) -> dict[str, dict[str, UsageStatistics]]:
+        """Return a snapshot of the usages relayed from other processes, by source and type.
+
+        The keys are the sources' names (:attr:`ResourceUsage.source`), then the resource
+        types. Usages received through :meth:`relay` are counted here and never in
+        :meth:`usage_statistics`, which stays what *this* process tracked: a mean of cpu
+        over eight hosts is nobody's cpu. ``last_timestamp`` is when the latest usage
+        arrived, on this event loop's clock. A source whose relay stopped cleanly is
+        forgotten when its goodbye arrives; :meth:`forget_source` drops one by hand (a
+        process that died without one). Safe from any thread.
+        """
+        return {
+            source: {name: UsageStatistics(*record) for name, record in list(records.items())}
+            for source, records in list(self._sources.items())
+        }
+
+    def forget_source(self, source: str) -> bool:
+        """Drop the statistics of usages relayed from ``source``; return whether there were any.
+
+        Not a checkpoint; safe from any thread. A later usage from ``source`` starts afresh.
+
+        Raises:
+            TypeError: ``source`` is not a str.
+        """
+        if not isinstance(source, str):
+            raise TypeError(f"source must be a str, got {type(source).__name__} {source!r}")
+        return self._sources.pop(source, None) is not None
 
     def forget(self, resource_type: str) -> bool:
         """Drop what was recorded for ``resource_type``; return whether there was anything.
@@ -362,6 +426,142 @@ class ResourceManager:
                 f"{resource_type!r}"
             )
         return self._stats.pop(resource_type, None) is not None
+
+    # ------------------------------------------------------------------ relayed usages
+    #
+    # The hooks a relay (darwin_metrics._redis._relay) uses: it publishes tracked usages and
+    # feeds the usages of other processes to the subscribers. The core knows nothing else of it.
+
+    def _add_publisher(self, publish: Callable[[ResourceUsage], None]) -> None:
+        """Call ``publish(event)`` (sync, never raising) with every usage tracked from now on."""
+        self._publishers = (*self._publishers, publish)
+
+    def _remove_publisher(self, publish: Callable[[ResourceUsage], None]) -> None:
+        self._publishers = tuple(hook for hook in self._publishers if hook is not publish)
+
+    def _receive_nowait(self, event: ResourceUsage) -> list[Channel] | None:
+        """Record a usage relayed from ``event.source`` and send it to every subscriber.
+
+        As tracking does, but into the source's statistics, and without publishing it again.
+        Returns the ``"wait"`` subscribers whose buffer is full: await
+        :meth:`_deliver_blocked` for them.
+        """
+        source = event.source
+        assert source is not None
+        records = self._sources.get(source)
+        if records is None:
+            records = self._sources[source] = {}
+        name = event.resource_type
+        value = event.usage_percent
+        old = records.get(name)
+        if old is None:
+            records[name] = (1, value, value, value, value, event.timestamp)
+        else:
+            count, _, low, high, mean, _ = old
+            count += 1
+            records[name] = (
+                count,
+                value,
+                value if value < low else low,
+                value if value > high else high,
+                mean + (value - mean) / count,
+                event.timestamp,
+            )
+        return self._fan_out(event)
+
+    def _count_missed(self, count: int) -> None:
+        """``count`` usages of another process were lost on the way: missed by every subscriber."""
+        channels = self._channels
+        for channel in channels:
+            channel.missed += count
+        self._missed += count * len(channels)
+
+    async def relay(
+        self,
+        redis: str | coredis.Redis[bytes],
+        *,
+        prefix: str | bytes = "darwin-metrics:",
+        source: str | None = None,
+        maxlen: int = 10_000,
+        publish: bool = True,
+        receive: bool = True,
+        keepalive: float | timedelta = 1.0,
+        max_pending: int = 10_000,
+    ) -> UsageRelay:
+        """Share usages with other processes through a Valkey/Redis stream, until the exit.
+
+        Every usage tracked from now on is also appended to the stream ``prefix + "usage"``
+        (``XADD ... MAXLEN ~ maxlen``) with this relay's id, host name, source, a sequence
+        number, the type, the usage and the time; and every usage that other processes' relays
+        append is delivered to this manager's subscribers, with :attr:`ResourceUsage.source`
+        saying where it came from, under each subscription's own overflow policy. This
+        process's own usages are not delivered twice. A usage that could not be read (the
+        stream was trimmed past it while this relay lagged, or a server restart lost it) is
+        counted in every subscription's ``missed``, from the gaps in its publisher's
+        sequence numbers, so ``received + missed`` stays exact. Relayed usages go into
+        :meth:`usage_statistics_by_source`, never into :meth:`usage_statistics`.
+
+        The relay runs in the manager's task group, reconnecting with backoff whenever its
+        connections drop (reading resumes where it stopped; what was tracked meanwhile is
+        sent once the server is back, up to ``max_pending`` usages). It stops when the
+        manager exits or when :meth:`~darwin_metrics.redis.UsageRelay.aclose` or
+        :meth:`~darwin_metrics.redis.UsageRelay.cancel` is called; stopping sends what is
+        still queued and a goodbye (within ``keepalive``).
+        See :class:`darwin_metrics.redis.UsageRelay` for the delivery model. Needs the
+        ``redis`` extra: ``pip install "darwin-metrics[redis]"``.
+
+        Args:
+            redis: A ``redis://``, ``rediss://`` or ``unix://`` URL, or a ``coredis.Redis``
+                client (``decode_responses=False``) whose address and credentials the relay
+                uses for its own two connections; the client itself is left alone.
+            prefix: The stream is ``prefix + "usage"``: str (UTF-8) or bytes, not empty.
+                Relays with the same prefix on the same server see each other.
+            source: This process's name on the usages it publishes: a non-empty str;
+                ``"<host name>/<process id>"`` by default.
+            maxlen: About how many usages the stream keeps (``MAXLEN ~``): an int >= 1.
+            publish: Whether to publish this manager's usages.
+            receive: Whether to deliver other processes' usages to the subscribers.
+            keepalive: Seconds (or a timedelta): a server silent for this long is given up
+                and reconnected to; also the time stopping may take to send what is queued.
+            max_pending: The most usages queued for the server while it is unreachable; the
+                oldest beyond it are dropped (and missed by the other processes).
+
+        Returns:
+            The running :class:`~darwin_metrics.redis.UsageRelay`, connected and reading
+            from the end of the stream as it was when the call was made.
+
+        Raises:
+            RuntimeError: Called outside ``async with manager:``, or while another relay of
+                this manager runs (one at a time).
+            TypeError: An argument has the wrong type.
+            ValueError: A bad URL, an empty prefix or source, a ``maxlen``, ``max_pending``
+                or ``keepalive`` out of range, or ``publish`` and ``receive`` both false.
+            ImportError: coredis is not installed.
+            RedisUnavailableError: The server could not be reached or refused the connection
+                (nothing is left running).
+            UsageRelayError: The server refused the relay's commands (the key holds
+                something other than a stream, or the user may not run them).
+
+        Checkpoint: yes. Cancellation: if it raises (cancelled, or an error), no relay runs:
+        nothing was published and nothing will be delivered (a relay cancelled after it
+        connected closes its connections in the background, within the task group). If it
+        returns, the relay runs.
+        """
+        task_group = self._running_task_group("relay")
+        from .._redis._relay import start_relay
+
+        return await start_relay(
+            self,
+            task_group,
+            redis,
+            prefix=prefix,
+            source=source,
+            maxlen=maxlen,
+            publish=publish,
+            receive=receive,
+            keepalive=keepalive,
+            max_pending=max_pending,
+        )
 
     # ------------------------------------------------------------------ metric cache
 
@@ -501,6 +701,30 @@ class ResourceManager:
             watcher.unwatch()
             self._watchers.discard(watcher)
 
+    async def _watch_for_deadlocks(self) -> None:
+        """Wake, with an error, subscribers that wait inside the block in a way that never ends.
+
+        Two looks a second apart must agree, so a nesting that is about to be undone (a
+        subscription closed from outside just then) is left alone.
+        """
+        suspects: set[int] = set()
+        while True:
+            await anyio.sleep(_DEADLOCK_CHECK_INTERVAL)
+            waiting = {
+                channel.waiter_task: channel for channel in self._channels if channel.waiting
+            }
+            stuck = stuck_waiters(self._host, waiting) if waiting else []
+            for channel in stuck:
+                if id(channel) in suspects:
+                    channel.fail_deadlocked(
+                        f"this task waits for the next event of a subscription of {self!r}, "
+                        "inside a task group that the manager's 'async with' block waits "
+                        "for: the block cannot end, so the subscription never ends either. "
+                        "Run the consumer in a task group outside 'async with manager:' (or "
+                        "close its subscription, or cancel it, before the block ends)."
+                    )
+            suspects = {id(channel) for channel in stuck}
+
     async def _cleanup_periodically(self) -> None:
         while True:
             await anyio.sleep(self._cleanup_interval)
@@ -518,7 +742,10 @@ class ResourceManager:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        self._exited = False
+        self._host = current_task(self._trio)
         task_group.start_soon(self._cleanup_periodically)
+        task_group.start_soon(self._watch_for_deadlocks)
         return self
 
     async def __aexit__(
@@ -539,6 +766,8 @@ class ResourceManager:
             return await exit_task_group(task_group, exc_type, exc_val, exc_tb)
         finally:
             self._task_group = None
+            self._exited = True
+            self._host = None
             for watcher in list(self._watchers):  # a sampler cancelled before it started
                 watcher.unwatch()
             self._watchers.clear()

@@ -42,6 +42,7 @@ from anyio import ClosedResourceError, EndOfStream, WouldBlock
 from anyio.lowlevel import checkpoint
 
 from .._lowlevel import Parker
+from ._deadlock import current_task
 from ._usage import ResourceUsage
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ class Channel:
     __slots__ = (
         "backlog",
         "buffer_size",
+        "deadlock",
         "manager",
         "missed",
         "parker",
@@ -119,6 +121,7 @@ class Channel:
         "state",
         "turn",
         "wait",
+        "waiter_task",
         "waiting",
     )
 
@@ -145,6 +148,8 @@ class Channel:
         self.turn: anyio.Event | None = None  # set when a delivery may proceed
         self.parker: Parker | None = None  # the subscriber, waiting for an event
         self.waiting = False
+        self.waiter_task: object = None  # the task that waits (for the deadlock watchdog)
+        self.deadlock: str | None = None  # set by the watchdog: the wait can never end
         self.plain_send: Callable[[ResourceUsage], None] = (
             self._send_in_order if wait else send_stream.send_nowait
         )
@@ -199,13 +204,15 @@ class Channel:
         if moved:
             self._signal_turn()
 
-    async def deliver(self, event: ResourceUsage) -> None:
+    async def deliver(self, event: ResourceUsage, withdraw: bool = True) -> None:
         """Wait until ``event`` has left the backlog for the subscriber's buffer.
 
         The subscriber moves backlog events into its buffer as it makes room. Checkpoint:
         yes. On cancellation, ``event`` is withdrawn from the backlog if it is still there
         (nothing is handed over while waiting, so a native cancellation cannot lose it
         half-way); if the subscriber took it just as the cancellation landed, it keeps it.
+        With ``withdraw=False`` a cancellation leaves it in the backlog, where the subscriber
+        gets it in its turn (a relay whose reading was interrupted: the event was accepted).
         Ends quietly when the subscription ended (the event joined what it can still read)
         or was closed (the subscriber left).
         """
@@ -217,7 +224,8 @@ class Channel:
                     turn = self.turn = anyio.Event()
                 await turn.wait()
         except BaseException:
-            remove_identical(backlog, event)
+            if withdraw:
+                remove_identical(backlog, event)
             raise
 
     def end(self) -> None:
@@ -287,6 +295,7 @@ class Channel:
         parker = self.parker
         if parker is None:
             parker = self.parker = Parker(self.manager._trio)
+        self.waiter_task = current_task(self.manager._trio)
         while not self.ready and not self.pending and self.state == "open":
             self.waiting = True
             if self.backlog:  # a rendezvous: the next event is handed over now
@@ -301,6 +310,15 @@ class Channel:
                 if self.waiting:  # not woken: cancelled
                     self.waiting = False
                     self.send_nowait = self.plain_send
+            if self.deadlock is not None:
+                message, self.deadlock = self.deadlock, None
+                raise RuntimeError(message)
+
+    def fail_deadlocked(self, message: str) -> None:
+        """The watchdog found that this subscriber's wait can never end: wake it with an error."""
+        if self.waiting:
+            self.deadlock = message
+            self.wake_receiver()
 
 
 def _loop_scheduler() -> Callable[[Callable[[], object]], object] | None:
@@ -369,11 +387,13 @@ class Subscription:
 
     @property
     def missed(self) -> int:
-        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``).
+        """Events dropped for this subscriber because its buffer was full (``"drop_oldest"``),
+        plus the usages of other processes that the manager's relay could not read.
 
-        ``received + missed`` equals the number of events tracked while it was open. A
-        ``"wait"`` subscriber loses no event this way; an event that a timed-out or cancelled
-        tracking call could not deliver to it is not counted (that call raised).
+        ``received + missed`` equals the number of events tracked while it was open, plus
+        those other processes published meanwhile (see ``ResourceManager.relay``). A
+        ``"wait"`` subscriber loses no event to its buffer; an event that a timed-out or
+        cancelled tracking call could not deliver to it is not counted (that call raised).
         """
         return self._channel.missed
 

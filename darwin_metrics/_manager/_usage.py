@@ -39,6 +39,12 @@ class ResourceUsage:
     """When it was tracked, on the event loop's clock (:func:`anyio.current_time`)."""
     wall_time: float
     """When it was tracked, in seconds since the epoch (:func:`time.time`), for export."""
+    source: str | None = None
+    """Where it was tracked: ``None`` for this process's own usages; for a usage that
+    :meth:`ResourceManager.relay` received from another process, that process's name
+    (``"host/pid"`` unless it chose another). For a received usage, :attr:`timestamp` is
+    when it arrived here, on this event loop's clock, and :attr:`wall_time` is the
+    publisher's own."""
 
 
 @attrs.frozen

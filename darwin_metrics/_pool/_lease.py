@@ -117,15 +117,8 @@ class Acquisition(Coroutine[Any, Any, "T | None"], Generic[T]):
         if self._lease is not None:
             raise RuntimeError("an acquire() context can be entered only once")
         self._coro.close()  # not awaited: the lease below acquires instead
-        pool = self._pool
-        lease = self._lease = LeaseContext(pool, self._timeout)
-        lease._entered = True
-        if await pool._take(lease, self._timeout) is None:
-            raise pool._empty_error()
-        entry = lease.entry
-        assert entry is not None
-        resource: T = entry.resource
-        return resource
+        lease = self._lease = LeaseContext(self._pool, self._timeout)
+        return await lease.__aenter__()
 
     async def __aexit__(
         self,

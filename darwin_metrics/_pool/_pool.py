@@ -1445,26 +1445,7 @@ class ResourcePool(Generic[T]):
 
     async def _fill_to_min_idle(self) -> None:
         await self._checkpoint()
-        limiter = self._limiter
-        assert limiter is not None
-        while not self._closed and len(self._idle) < self._min_idle:
-            if self._waiters or self._size + self._creating >= self._max_size:
-                return  # no room: what there is, is leased or being made
-            borrower = Lease()
-            try:
-                limiter.acquire_on_behalf_of_nowait(borrower)
-            except WouldBlock:
-                return
-            try:
-                entry = await self._create_checked(wait=False)
-            except _shared.GaveWay:  # no shared token free: what there is, is in use
-                self._release_token(borrower)
-                return
-            except BaseException:
-                self._release_token(borrower)
-                raise
-            self._idle.append(entry)
-            self._release_token(borrower)
+        await _upkeep.prefill(self)  # creations under tokens, as upkeep makes them
 
     def pause(self, *, reject: bool = False) -> None:
         """Stop handing out resources until :meth:`resume` (HikariCP's suspend).

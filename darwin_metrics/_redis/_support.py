@@ -8,10 +8,14 @@ import numbers
 import sys
 from datetime import timedelta
 from types import ModuleType, TracebackType
-from typing import Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from urllib.parse import urlparse
 
 import anyio
+
+if TYPE_CHECKING:
+    import coredis
+    import coredis.connection
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -24,6 +28,7 @@ __all__ = [
     "Watch",
     "check_url",
     "close_buffers",
+    "dedicated_connection",
     "describe",
     "duration",
     "import_coredis",
@@ -141,6 +146,28 @@ class Flight(Generic[V]):
         if self.error is not None:
             raise self.error.with_traceback(self.traceback)
         return MISSING
+
+
+def dedicated_connection(
+    client: coredis.Redis[bytes], name: str
+) -> coredis.connection.BaseConnection:
+    """A new connection to ``client``'s server, outside its pool, named ``name``.
+
+    For a task that keeps one connection to itself (a listener, a blocking reader): it has
+    the pool's address, credentials and database, replies as bytes, and shows as ``name`` in
+    ``CLIENT LIST``. The caller runs it (``await task_group.start(connection.run)``), and
+    ``invalidate()`` and :func:`close_buffers` it when done.
+    """
+    pool = client.connection_pool
+    options: dict[str, Any] = dict(pool.connection_kwargs)
+    for option in ("processing_budget", "max_idle_time", "noreply", "decode_responses"):
+        options.pop(option, None)
+    options["client_name"] = name
+    assert pool.location is not None
+    connection: coredis.connection.BaseConnection = pool.connection_class(
+        pool.location, decode_responses=False, **options
+    )
+    return connection
 
 
 def close_buffers(connection: object) -> None:

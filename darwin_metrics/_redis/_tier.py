@@ -75,6 +75,7 @@ from ._support import (
     Watch,
     check_url,
     close_buffers,
+    dedicated_connection,
     describe,
     duration,
     import_coredis,
@@ -815,13 +816,7 @@ class RedisCache(Generic[V]):
     async def _listen_once(self, ready: Callable[[], None]) -> None:
         client = self._client
         assert client is not None
-        pool = client.connection_pool
-        options: dict[str, Any] = dict(pool.connection_kwargs)
-        for name in ("processing_budget", "max_idle_time", "noreply", "decode_responses"):
-            options.pop(name, None)
-        options["client_name"] = LISTENER_NAME
-        assert pool.location is not None
-        connection = pool.connection_class(pool.location, decode_responses=False, **options)
+        connection = dedicated_connection(client, LISTENER_NAME)
         try:
             async with anyio.create_task_group() as group:
                 with anyio.fail_after(self._keepalive):

@@ -94,6 +94,13 @@ _BARE_NAMES = {
     "Self": "typing.Self",
     "TaskGroup": "anyio.abc.TaskGroup",
     "AbstractAsyncContextManager": "contextlib.AbstractAsyncContextManager",
+    "SocketListener": "anyio.abc.SocketListener",
+    # The exporters' third-party types (prometheus-client, the OpenTelemetry API).
+    "CollectorRegistry": "prometheus_client.registry.CollectorRegistry",
+    "Metric": "prometheus_client.metrics_core.Metric",
+    "Meter": "opentelemetry.metrics.Meter",
+    # What a pool's on_timing listener is given: a Literal of the pool's, not public itself.
+    "TimingKind": "darwin_metrics._pool._statistics.TimingKind",
 }
 
 
