@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import secrets
 import socket
 import sys
@@ -63,6 +62,7 @@ from .._lowlevel import Parker
 from .._manager._usage import ResourceUsage
 from . import _scripts
 from ._support import (
+    Backoff,
     check_url,
     close_buffers,
     dedicated_connection,
@@ -89,9 +89,6 @@ READER_NAME: Final = "darwin-metrics-relay-reader"
 PUBLISHER_NAME: Final = "darwin-metrics-relay-publisher"
 #: Entries per ``XREAD`` reply, and ``XADD`` commands per pipelined batch, at most.
 _BATCH: Final = 1000
-#: Reconnection backoff, in seconds: doubled per failure, jittered, capped.
-_BACKOFF_MIN: Final = 0.05
-_BACKOFF_MAX: Final = 1.0
 #: Entries read back from the start position when a relay starts, at most (see _look_back).
 _LOOK_BACK: Final = 1000
 #: Publishers that said goodbye, remembered so that re-reading the stream never delivers
@@ -545,9 +542,6 @@ class UsageRelay:
             raise UsageRelayError(f"XINFO STREAM {self._key!r} answered without an id: {info!r}")
         return last
 
-    def _backoff(self, delay: float) -> float:
-        return delay * random.uniform(0.8, 1.0)  # jitter: relays do not reconnect in step
-
     def _log_stop(self, side: str, exc: BaseException) -> None:
         _logger.warning(
             "usage relay %r: the %s connection to %s stopped (%s); reconnecting",
@@ -560,7 +554,7 @@ class UsageRelay:
     # -- receiving ----------------------------------------------------------------------------
 
     async def _read_loop(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        delay = _BACKOFF_MIN
+        backoff = Backoff()
         started = False
         while True:
             try:
@@ -582,7 +576,7 @@ class UsageRelay:
                     if not started:
                         started = True
                         task_status.started()
-                    delay = _BACKOFF_MIN
+                    backoff.reset()
                     await self._read_forever(connection)
             except Exception as exc:
                 if not started:
@@ -592,8 +586,7 @@ class UsageRelay:
                 if self._reader_up:
                     self._reader_up = False
                     self._disconnects += 1
-            await anyio.sleep(self._backoff(delay))
-            delay = min(delay * 2, _BACKOFF_MAX)
+            await backoff.sleep()
 
     async def _look_back(
         self, connection: coredis.connection.BaseConnection, position: bytes
@@ -753,7 +746,7 @@ class UsageRelay:
     # -- publishing ---------------------------------------------------------------------------
 
     async def _publish_loop(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        delay = _BACKOFF_MIN
+        backoff = Backoff()
         started = False
         try:
             while True:
@@ -770,7 +763,7 @@ class UsageRelay:
                         if not started:
                             started = True
                             task_status.started()
-                        delay = _BACKOFF_MIN
+                        backoff.reset()
                         await self._send_forever(connection)
                 except Exception as exc:
                     if not started:
@@ -781,8 +774,7 @@ class UsageRelay:
                     if self._publisher_up:
                         self._publisher_up = False
                         self._disconnects += 1
-                await anyio.sleep(self._backoff(delay))
-                delay = min(delay * 2, _BACKOFF_MAX)
+                await backoff.sleep()
         except anyio.get_cancelled_exc_class():
             if started:
                 await self._farewell()

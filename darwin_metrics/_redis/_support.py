@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import numbers
+import random
 import sys
 from datetime import timedelta
 from types import ModuleType, TracebackType
@@ -22,6 +23,7 @@ if sys.version_info < (3, 11):
 
 __all__ = [
     "MISSING",
+    "Backoff",
     "Flight",
     "Key",
     "Sentinel",
@@ -96,6 +98,30 @@ def check_url(url: str) -> None:
             raise ValueError(f"a {parsed.scheme}:// URL needs a host name, got {url!r}")
     else:
         raise ValueError(f"the URL must start with redis://, rediss:// or unix://, got {url!r}")
+
+
+class Backoff:
+    """The wait between two attempts to reconnect: doubling from 50 ms to 1 s, with jitter.
+
+    The jitter keeps the processes of a fleet from reconnecting in step after a server
+    restart. :meth:`reset` once connected; :meth:`sleep` after each failure.
+    """
+
+    MIN = 0.05
+    MAX = 1.0
+
+    __slots__ = ("_delay",)
+
+    def __init__(self) -> None:
+        self._delay = self.MIN
+
+    def reset(self) -> None:
+        self._delay = self.MIN
+
+    async def sleep(self) -> None:
+        """Wait the current delay (80-100% of it), then double it up to :attr:`MAX`."""
+        await anyio.sleep(self._delay * random.uniform(0.8, 1.0))
+        self._delay = min(self._delay * 2, self.MAX)
 
 
 class Watch:

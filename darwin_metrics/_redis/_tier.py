@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import random
 import secrets
 import sys
 import threading
@@ -69,6 +68,7 @@ from . import _scripts
 from ._serializers import JSONSerializer, Serializer
 from ._support import (
     MISSING,
+    Backoff,
     Flight,
     Key,
     Sentinel,
@@ -104,9 +104,6 @@ _logger = logging.getLogger("darwin_metrics")
 _LOCK_MARK = b"\x00lock:"
 #: The name the listener's connection gives itself (``CLIENT LIST`` shows it).
 LISTENER_NAME = "darwin-metrics-invalidations"
-#: Reconnection backoff of the listener, in seconds: doubled per failure, jittered, capped.
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 1.0
 #: How long a waiter for another process's load lock sleeps between two looks while the
 #: listener is down (no invalidation can wake it then).
 _LOCK_POLL = 0.05
@@ -788,12 +785,12 @@ class RedisCache(Generic[V]):
         """Listen for invalidations for as long as the tier is open, reconnecting."""
         with anyio.CancelScope() as scope:
             self._listener_scope = scope
-            delay = _BACKOFF_MIN
+            backoff = Backoff()
             started = False
 
             def ready() -> None:
-                nonlocal started, delay
-                delay = _BACKOFF_MIN
+                nonlocal started
+                backoff.reset()
                 if not started:
                     started = True
                     task_status.started()
@@ -810,8 +807,7 @@ class RedisCache(Generic[V]):
                         self._prefix_text,
                         describe(exc),
                     )
-                await anyio.sleep(delay * random.uniform(0.8, 1.0))  # jitter
-                delay = min(delay * 2, _BACKOFF_MAX)
+                await backoff.sleep()
 
     async def _listen_once(self, ready: Callable[[], None]) -> None:
         client = self._client
