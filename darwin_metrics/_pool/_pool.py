@@ -1207,7 +1207,9 @@ class ResourcePool(Generic[T]):
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
             RuntimeError: Used from an event loop other than the pool's (on entry).
         """
-        return LeaseContext(self, self._resolve_timeout(timeout))
+        if timeout is DEFAULT:  # _resolve_timeout, inline: this is every lease's path
+            return LeaseContext(self, self._timeout)
+        return LeaseContext(self, check_seconds("timeout", timeout))
 
     async def release(self, resource: T) -> None:
         """Give back a leased resource, or add a new resource to the pool.
