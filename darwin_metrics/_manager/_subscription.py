@@ -166,8 +166,14 @@ class Channel:
         self.send_stream.send_nowait(event)
 
     def _send_and_wake(self, event: ResourceUsage) -> None:
+        # Installed only while the subscriber waits (wait_ready), and removed with the wake-up
+        # below: wake_receiver, inline, as this runs for every event sent to a waiting one.
         self.plain_send(event)
-        self.wake_receiver()
+        self.waiting = False
+        self.send_nowait = self.plain_send
+        parker = self.parker
+        assert parker is not None
+        parker.wake()
 
     def wake_receiver(self) -> None:
         if self.waiting:
