@@ -550,6 +550,49 @@ class TestLeases:
             assert a.statistics().connects >= 2
             await assert_idle(redis_server, a)
 
+    async def test_renewals_the_server_refuses_lose_the_permit_before_it_is_regranted(
+        self, redis_server: RedisServer
+    ) -> None:
+        # The connection stays up, but the server refuses every script (here by ACL; READONLY
+        # after a failover, or OOM, look the same): the server reaps our permit after its
+        # lease, so this process must stop believing it holds it by then.
+        a, b = limiter(redis_server.url, total=1, lease=0.6), limiter(redis_server.url, total=1)
+        async with running(a, b):
+            permit = await a.acquire()
+            failed: list[BaseException] = []
+
+            async def wait() -> None:
+                try:
+                    await a.acquire_on_behalf_of("waiter")
+                except RedisUnavailableError as exc:
+                    failed.append(exc)
+
+            events: list[str] = []
+            with anyio.fail_after(15):  # (without the fix the waiter waited for ever)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait)
+                    await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                    permit.on_lost(lambda: events.append("lost"))
+                    redis_server.command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+                    try:
+                        await anyio.sleep(0.6 + 0.3)  # the server's deadlines for a pass
+                    finally:
+                        redis_server.command("ACL", "SETUSER", "default", "+@all")
+                    await b.acquire()  # the server reaps a's permit and grants it to b...
+                    events.append("granted elsewhere")
+            # ...by then, a had let it go, and its waiter was told its place had lapsed.
+            assert events == ["lost", "granted elsewhere"]
+            assert permit.lost
+            assert a.statistics().lost == 1
+            # The waiter's place lapsed with its lease too: it was told so.
+            assert "whole lease" in str(failed[0])
+            assert a.statistics().tasks_waiting == 0
+            a.release()
+            b.release()
+            async with a:
+                pass
+            await assert_idle(redis_server, a, b)
+
     async def test_waiters_survive_a_reconnect(
         self, redis_url: str, redis_session_server: RedisServer
     ) -> None:

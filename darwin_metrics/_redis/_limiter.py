@@ -15,7 +15,8 @@ How it works (the server's side is in :mod:`._limiter_scripts`):
   lease. Each limiter renews all of its members in one ``RENEW`` every ``lease / 3`` from the
   task group of ``async with limiter.running():``; the reply also tells it which of its waiters
   were granted meanwhile (a grant message lost with a connection) and which holders are gone
-  (their lease ran out while the process could not reach the server): those are *lost*, their
+  (their lease ran out while the process could not reach the server, or the server refused
+  the renewals): those are *lost*, their
   ``async with limiter:`` blocks cancelled. When the earliest holder's lease is about to run out
   while tasks here wait, the limiter renews right then, so a dead holder's permit moves on at
   once.
@@ -114,7 +115,8 @@ class SharedCapacityLimiterStatistics:
         cancelled: Acquisitions that were cancelled or failed, giving back whatever the
             server had granted them.
         lost: Permits whose lease ran out before this limiter could renew them (it could not
-            reach the server in time): their holders were cancelled.
+            reach the server, or the server refused the renewals, for a whole lease):
+            their holders were cancelled.
         renewals: Renewals the server confirmed (one round trip renews every permit and
             place in the queue this limiter has).
         reaped: Expired holders of any process (a process that died) that this limiter's
@@ -286,10 +288,12 @@ class SharedCapacityLimiter:
 
     **Leases.** A permit is held for ``lease`` seconds at a time and renewed every
     ``lease / 3``. If the process dies, its permits return to the fleet within one lease. If
-    it cannot reach the server for a whole lease (a network partition), its permits are
-    *lost*: the server may grant them to others, so their ``async with limiter:`` blocks are
-    cancelled and raise :class:`~darwin_metrics.CapacityLostError`, and ``statistics().lost``
-    counts them.
+    it cannot reach the server for a whole lease (a network partition), or the server refuses
+    its renewals that long (a replica's ``READONLY``, ``OOM``, an ACL), its permits are
+    *lost* when their lease runs out: the server may grant them to others, so their
+    ``async with limiter:`` blocks are cancelled and raise
+    :class:`~darwin_metrics.CapacityLostError`, and ``statistics().lost`` counts them; tasks
+    waiting here then fail with :class:`~darwin_metrics.RedisUnavailableError`.
 
     **Guarantees and their limit.** Each step (acquire, release, renew, a change of the total)
     is one script on the server, so no crash or cancellation between two steps leaks a permit
@@ -348,6 +352,7 @@ class SharedCapacityLimiter:
         "_owner",
         "_reap_at",
         "_reaped",
+        "_refused",
         "_released",
         "_renewals",
         "_run",
@@ -425,6 +430,7 @@ class SharedCapacityLimiter:
         self._keeper_due = math.inf
         self._last_tick = -math.inf
         self._reap_at = math.inf
+        self._refused = False  # the server refused the last renewal
 
         self._fleet_total = self._total
         self._fleet_borrowed = 0
@@ -1062,10 +1068,15 @@ class SharedCapacityLimiter:
             except RedisUnavailableError:
                 self._last_tick = now
                 continue
-            except Exception as exc:  # the server refused the script (OOM, ACL...)
+            except Exception as exc:  # the server refused the script (READONLY, OOM, ACL...)
                 _logger.warning("%r could not renew its permits: %s", self, describe(exc))
+                # The server lets what it did not renew expire (and grants it to others):
+                # so must this process, from the same deadlines, as if it were unreachable.
+                self._refused = True
+                self._expire_unreachable(self._clock(), "had its renewals refused")
                 self._last_tick = now
                 continue
+            self._refused = False
             if scope.cancelled_caught:
                 link.drop(f"no answer from the server within {interval:.3g} s")
             self._last_tick = now
@@ -1075,13 +1086,16 @@ class SharedCapacityLimiter:
         if self._waiting and self._reap_at < due:
             due = self._reap_at
         link = self._link
-        if link is not None and not link.up:
-            # Unreachable: wake when the first lease here runs out (and when reconnected).
-            due = min(
+        unreachable = link is not None and not link.up
+        if unreachable or self._refused:
+            # Wake when the first lease here runs out: unreachable, only then (and when
+            # reconnected); refused, then too, if that comes before the next attempt.
+            expiry = min(
                 (p._renewed_at + self._lease for p in self._by_member.values()
                  if p._state in (_State.WAITING, _State.HELD)),
                 default=math.inf,
             )  # fmt: skip
+            due = expiry if unreachable else min(due, expiry)
         return due
 
     async def _renew(self, link: Link, sent: float) -> None:
@@ -1121,8 +1135,8 @@ class SharedCapacityLimiter:
             if self._waiting:
                 self._hint(reply)
 
-    def _expire_unreachable(self, now: float) -> None:
-        """No connection: permits whose lease ran out are lost, waiters fail."""
+    def _expire_unreachable(self, now: float, why: str = "could not reach the server") -> None:
+        """No connection (or no renewal): permits whose lease ran out are lost, waiters fail."""
         link = self._link
         assert link is not None
         for member, permit in list(self._by_member.items()):
@@ -1133,9 +1147,7 @@ class SharedCapacityLimiter:
                     self._lose(permit)
                 else:
                     del self._by_member[member]
-                    permit._error = link.unavailable(
-                        f"could not reach the server for a whole lease ({self._lease} s)"
-                    )
+                    permit._error = link.unavailable(f"{why} for a whole lease ({self._lease} s)")
                     if permit._parker is not None:
                         permit._parker.wake()
 
