@@ -985,6 +985,37 @@ class TestPoolSharedLimit:
                     assert a.borrowed_tokens == 1
             await assert_idle(redis_session_server, a)
 
+    async def test_a_limiter_that_stops_first_takes_its_pools_resources_with_it(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # The pool outlives its limiter's 'running()' block: the limiter gives every permit
+        # back as it stops, so the pool must not keep (or hand out) what they stood for.
+        a, b = limiter(redis_url, total=2), limiter(redis_url, total=2)
+        hooks = Connections(redis_session_server)
+        async with b.running():
+            pool = ResourcePool(2, factory=hooks.create, dispose=hooks.dispose, shared_limit=a)
+            async with pool:
+                async with a.running():
+                    leased = await pool.acquire()
+                    async with pool.lease():
+                        pass  # one idle, one leased
+                    assert a.borrowed_tokens == 2
+                # Both permits are free on the server now: another process takes them...
+                taken = [await b.acquire_on_behalf_of(n) for n in range(2)]
+                assert len(taken) == 2
+                # ...so the idle resource goes at once (upkeep), the leased one when it returns.
+                idle = next(iter(hooks.open - {leased}))
+                await wait_for(lambda: idle not in hooks.open)
+                assert pool.statistics().idle == 0
+                await pool.release(leased)
+                assert not hooks.open
+                assert pool.statistics().disposals.limit_lost == 2
+                with pytest.raises(RuntimeError, match="stopped"):
+                    await pool.acquire()  # no resource without a permit
+                for permit in taken:
+                    permit.release()
+            await assert_idle(redis_session_server, b)
+
     async def test_bad_shared_limits(self, redis_url: str) -> None:
         with pytest.raises(TypeError, match="shared_limit must be a SharedCapacityLimiter"):
             ResourcePool(2, factory=object, shared_limit=anyio.CapacityLimiter(2))  # type: ignore[arg-type]

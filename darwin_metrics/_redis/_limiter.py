@@ -220,6 +220,9 @@ class SharedPermit:
     def on_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` if the permit is lost (at once if it is lost already).
 
+        It is also called if the limiter stops while the permit is held: stopping gives every
+        permit back, so the server may grant it to others just the same.
+
         It runs synchronously in the limiter's renewal task, which must not be held up: it
         should only note the loss or cancel a scope. Its errors are logged.
         """
@@ -670,13 +673,16 @@ class SharedCapacityLimiter:
         """The limiter stops: take ``permit`` out; return the members to give back."""
         state = permit._state
         permit._state = _State.RELEASED
-        permit._callbacks.clear()
+        callbacks, permit._callbacks = permit._callbacks, []
         self._by_member.pop(permit._member, None)
         permit._error = RuntimeError(f"{self!r} stopped while this task waited for a permit")
         if state is _State.HELD:
             self._released += 1
             if permit._scope is not None:
                 permit._scope.cancel()  # its block raises CapacityLostError
+            # Given back under its holder: whatever it guards (a pool's resource) must go.
+            for callback in callbacks:
+                _call(callback)
         elif state in (_State.REQUESTED, _State.WAITING) and permit._parker is not None:
             permit._parker.wake()
         if state in (_State.REQUESTED, _State.WAITING, _State.HELD):
