@@ -240,6 +240,39 @@ class TestAcquireAndRelease:
             assert seen == sorted(seen)
             assert len(set(seen)) == 10
 
+    async def test_fencing_tokens_keep_growing_after_the_server_forgets_everything(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # A restart without persistence (or a promoted replica that missed the latest grants)
+        # forgets the counter: a guarded resource that remembers the highest token it saw
+        # must not refuse every holder after that, nor accept a stale one.
+        a = limiter(redis_url, total=1)
+        async with a.running():
+            before = []
+            for _ in range(5):
+                async with a as permit:
+                    before.append(permit.fencing_token)
+            redis_session_server.command("FLUSHALL")
+            after = []
+            for _ in range(5):
+                async with a as permit:
+                    after.append(permit.fencing_token)
+            assert before + after == sorted(before + after)
+            assert len(set(before + after)) == 10
+            assert min(after) > max(before)
+            # Exact integers, in the grant message too (a waiter's token comes that way).
+            holding = await a.acquire_on_behalf_of("holder")
+            async with anyio.create_task_group() as group:
+                group.start_soon(a.acquire_on_behalf_of, "waiter")
+                await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                holding.release()
+            (waiter,) = (p for p in a._by_borrower.values() if p.borrower == "waiter")
+            assert isinstance(waiter.fencing_token, int)
+            assert waiter.fencing_token > holding.fencing_token > max(after)
+            fence = redis_session_server.command("HGET", KEYS["fences"], waiter._member)
+            assert fence == str(waiter.fencing_token).encode()
+            waiter.release()
+
     async def test_statistics_and_repr(self, redis_url: str) -> None:
         a = limiter(redis_url, total=4)
         assert "new" in repr(a)

@@ -179,9 +179,11 @@ class SharedPermit:
         #: This acquisition's place in the fleet's queue: permits are granted in ticket order.
         self.ticket = 0
         #: A number the server gives each grant, larger than every grant's before it (of
-        #: this limiter name). Hand it to a resource that can refuse requests carrying a
-        #: token older than one it has seen, so that a holder that lost its permit cannot
-        #: act on it any more.
+        #: this limiter name), even after the server forgot its state (a restart without
+        #: persistence, a promoted replica): it is never below the server's clock in
+        #: microseconds. Hand it to a resource that can refuse requests carrying a token
+        #: older than one it has seen, so that a holder that lost its permit cannot act on
+        #: it any more.
         self.fencing_token = 0
         self._member = b""
         self._renewed_at = 0.0
