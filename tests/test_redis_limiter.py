@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -95,6 +95,28 @@ async def assert_idle(server: RedisServer, *limiters: SharedCapacityLimiter) -> 
         assert not each._by_member, each._by_member
         assert not each._by_borrower, each._by_borrower
         assert not each._blocks
+
+
+async def finishes(body: Callable[[], Awaitable[object]], a: SharedCapacityLimiter) -> bool:
+    """Run ``body`` in a task; whether it ended within 3 s. If not, ``a``'s background is
+    cancelled by force (shields included), so that the test fails instead of hanging."""
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await body()
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        with anyio.move_on_after(3):
+            await done.wait()
+        if done.is_set():
+            return True
+        for scope in a._shields:
+            scope.cancel()
+        return False
 
 
 @contextlib.asynccontextmanager
@@ -822,6 +844,65 @@ class TestCancellation:
             redis_server.resume()
         await asyncio.sleep(0.05)
         assert asyncio.all_tasks() <= before
+
+    async def test_cancelling_the_entry_of_running_at_every_moment(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # Cancelled while it connects (before or after the connection is up): entering
+        # raises the cancellation at once and leaves nothing running.
+        stuck, entered = [], 0
+        for step in range(40):
+            a = limiter(redis_url)
+            delay = step * 0.0002 if step < 39 else 1.0  # the last one gets in
+
+            async def enter(a: SharedCapacityLimiter = a, delay: float = delay) -> None:
+                nonlocal entered
+                with anyio.move_on_after(delay):
+                    async with a.running():
+                        entered += 1
+
+            if not await finishes(enter, a):
+                stuck.append(step)
+                break
+            assert "stopped" in repr(a)
+        assert not stuck, f"entering running() hung when cancelled at steps {stuck}"
+        assert 0 < entered < 40  # some were cut short, some got in
+        await assert_idle(redis_session_server)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+    async def test_native_cancellation_of_the_entry_of_running_at_every_await(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        before = asyncio.all_tasks()
+        stuck = []
+        for style, step in itertools.product(("cancel", "wait_for"), range(30)):
+            a = limiter(redis_url)
+
+            async def enter(a: SharedCapacityLimiter = a) -> None:
+                async with a.running():
+                    await asyncio.sleep(0)
+
+            async def cancel(
+                a: SharedCapacityLimiter = a, style: str = style, step: int = step
+            ) -> None:
+                task = asyncio.ensure_future(enter(a))
+                if style == "cancel":
+                    for _ in range(step):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(task, step * 0.0002)
+
+            if not await finishes(cancel, a):
+                stuck.append((style, step))
+                break
+        assert not stuck, f"entering running() hung when cancelled at {stuck}"
+        await asyncio.sleep(0.05)
+        assert asyncio.all_tasks() <= before
+        await assert_idle(redis_session_server)
 
     async def test_stopping_under_cancellation_still_gives_back(
         self, redis_url: str, redis_session_server: RedisServer, caplog: pytest.LogCaptureFixture

@@ -604,6 +604,8 @@ class SharedCapacityLimiter:
             raise
         self._task_group = group
         self._run = _Run.RUNNING
+        for scope in self._shields:
+            scope.shield = True
 
     async def _stop(
         self,
@@ -656,8 +658,12 @@ class SharedCapacityLimiter:
     ) -> None:
         """Run ``body`` shielded: a cancellation of the code around ``running()`` must not cut
         the connection before the releases of its exit are on the server. The exit lifts the
-        shields (:meth:`_stop_background`) once they are."""
-        with anyio.CancelScope(shield=True) as scope:
+        shields (:meth:`_stop_background`) once they are.
+
+        Not while ``running()`` is being entered (the shields go up once it has been): a
+        cancellation of the entry must end the connection being made (nothing is held yet),
+        or ``start()`` would wait for it for ever."""
+        with anyio.CancelScope(shield=self._run is _Run.RUNNING) as scope:
             self._shields.append(scope)
             if self._run is _Run.STOPPED:
                 scope.cancel()
