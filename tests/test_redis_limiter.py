@@ -698,6 +698,20 @@ class TestLeases:
             async with a:
                 pass
 
+    async def test_stopping_while_reconnecting_still_gives_back(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # The connection drops just as the limiter stops: its releases go out once it is
+        # back (within the 5 s the exit waits), not a lease (here 20 s) later.
+        a = limiter(redis_url, total=2, lease=20.0)
+        async with a.running():
+            await a.acquire_on_behalf_of("still held at the exit")
+            async with a:
+                redis_session_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_for(lambda: not a.statistics().connected)
+        assert on_server(redis_session_server)[0] == 0
+        await assert_idle(redis_session_server)
+
     async def test_stopping_gives_back_what_is_still_held(
         self,
         redis_url: str,

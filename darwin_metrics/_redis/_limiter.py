@@ -698,20 +698,29 @@ class SharedCapacityLimiter:
         return []
 
     async def _flush(self) -> None:
-        """Wait until the server confirmed every release sent (or the connection is gone)."""
+        """Wait until the server confirmed every release; the caller bounds the wait.
+
+        While the connection is down (it is being made again), the releases wait for it.
+        """
         link = self._link
         assert link is not None
-        if link.up and self._to_release:
-            self._send_release(list(self._to_release))
-            self._to_release.clear()
-        while self._unconfirmed and link.up:
-            _, request = self._unconfirmed[-1]
-            try:
-                await request
-            except Exception:  # the confirmer notes it; this only waits
-                await anyio.sleep(0.01)
+        while True:
+            if link.up and self._to_release:
+                members = list(self._to_release)
+                self._to_release.clear()  # (sending may put some back)
+                self._send_release(members)
+            if self._unconfirmed and link.up:
+                _, request = self._unconfirmed[-1]
+                try:
+                    await request
+                except Exception:  # the confirmer notes it; this only waits
+                    await anyio.sleep(0.01)
+                else:
+                    await anyio.lowlevel.checkpoint()  # the confirmer takes it off
+            elif self._unconfirmed or self._to_release:
+                await anyio.sleep(0.01)  # reconnecting: they go out once connected
             else:
-                await anyio.lowlevel.checkpoint()  # the confirmer takes it off
+                return
 
     # -- acquiring ------------------------------------------------------------------------------
 
