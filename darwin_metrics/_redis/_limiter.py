@@ -16,10 +16,9 @@ How it works (the server's side is in :mod:`._limiter_scripts`):
   task group of ``async with limiter.running():``; the reply also tells it which of its waiters
   were granted meanwhile (a grant message lost with a connection) and which holders are gone
   (their lease ran out while the process could not reach the server, or the server refused
-  the renewals): those are *lost*, their
-  ``async with limiter:`` blocks cancelled. When the earliest holder's lease is about to run out
-  while tasks here wait, the limiter renews right then, so a dead holder's permit moves on at
-  once.
+  the renewals): those are *lost*, their ``async with limiter:`` blocks cancelled. When the
+  earliest holder's lease is about to run out while tasks here wait, the limiter renews right
+  then, so a dead holder's permit moves on at once.
 - Giving back never awaits: ``release`` queues ``RELEASE`` on the limiter's connection at once
   (ahead of anything the process sends later) and a background task of the limiter checks the
   reply, sending it again after a reconnect. An acquisition that is cancelled or fails at any

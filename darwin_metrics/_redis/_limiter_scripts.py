@@ -8,10 +8,10 @@ live in one slot, as a script's keys must)::
     KEYS[3] waiters  ZSET  member -> liveness deadline of a queued member (ms)
     KEYS[4] fences   HASH  member -> fencing token of a held member
     KEYS[5] state    HASH  ticket, fence (counters), total (the limit in force)
+    KEYS[6] gone     ZSET  member -> expiry (ms): members given back before they arrived
 
 The fencing token of a grant is the ``fence`` counter plus one, or the server's clock in
 microseconds if that is larger (see ``next_fence``).
-    KEYS[6] gone     ZSET  member -> expiry (ms): members given back before they arrived
 
 A *member* is ``<owner>:<n>``: the limiter instance that asked (its own random id) and a
 number of its own, chosen by the client before the request is sent. Every script starts the
