@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -95,6 +95,28 @@ async def assert_idle(server: RedisServer, *limiters: SharedCapacityLimiter) -> 
         assert not each._by_member, each._by_member
         assert not each._by_borrower, each._by_borrower
         assert not each._blocks
+
+
+async def finishes(body: Callable[[], Awaitable[object]], a: SharedCapacityLimiter) -> bool:
+    """Run ``body`` in a task; whether it ended within 3 s. If not, ``a``'s background is
+    cancelled by force (shields included), so that the test fails instead of hanging."""
+    done = anyio.Event()
+
+    async def run() -> None:
+        try:
+            await body()
+        finally:
+            done.set()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(run)
+        with anyio.move_on_after(3):
+            await done.wait()
+        if done.is_set():
+            return True
+        for scope in a._shields:
+            scope.cancel()
+        return False
 
 
 @contextlib.asynccontextmanager
@@ -240,6 +262,39 @@ class TestAcquireAndRelease:
             assert seen == sorted(seen)
             assert len(set(seen)) == 10
 
+    async def test_fencing_tokens_keep_growing_after_the_server_forgets_everything(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # A restart without persistence (or a promoted replica that missed the latest grants)
+        # forgets the counter: a guarded resource that remembers the highest token it saw
+        # must not refuse every holder after that, nor accept a stale one.
+        a = limiter(redis_url, total=1)
+        async with a.running():
+            before = []
+            for _ in range(5):
+                async with a as permit:
+                    before.append(permit.fencing_token)
+            redis_session_server.command("FLUSHALL")
+            after = []
+            for _ in range(5):
+                async with a as permit:
+                    after.append(permit.fencing_token)
+            assert before + after == sorted(before + after)
+            assert len(set(before + after)) == 10
+            assert min(after) > max(before)
+            # Exact integers, in the grant message too (a waiter's token comes that way).
+            holding = await a.acquire_on_behalf_of("holder")
+            async with anyio.create_task_group() as group:
+                group.start_soon(a.acquire_on_behalf_of, "waiter")
+                await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                holding.release()
+            (waiter,) = (p for p in a._by_borrower.values() if p.borrower == "waiter")
+            assert isinstance(waiter.fencing_token, int)
+            assert waiter.fencing_token > holding.fencing_token > max(after)
+            fence = redis_session_server.command("HGET", KEYS["fences"], waiter._member)
+            assert fence == str(waiter.fencing_token).encode()
+            waiter.release()
+
     async def test_statistics_and_repr(self, redis_url: str) -> None:
         a = limiter(redis_url, total=4)
         assert "new" in repr(a)
@@ -298,8 +353,8 @@ class TestTotalTokens:
             assert a.total_tokens == 6
             b = limiter(redis_url, total=2)
             async with b.running():
-                await wait_for(lambda: a.statistics().total_tokens == 2 or True)
-                async with a:
+                assert redis_session_server.command("HGET", KEYS["state"], "total") == b"2"
+                async with a:  # a learns it from its next request's reply
                     assert a.total_tokens == 2
 
     def test_bad_totals(self, redis_url: str) -> None:
@@ -550,6 +605,49 @@ class TestLeases:
             assert a.statistics().connects >= 2
             await assert_idle(redis_server, a)
 
+    async def test_renewals_the_server_refuses_lose_the_permit_before_it_is_regranted(
+        self, redis_server: RedisServer
+    ) -> None:
+        # The connection stays up, but the server refuses every script (here by ACL; READONLY
+        # after a failover, or OOM, look the same): the server reaps our permit after its
+        # lease, so this process must stop believing it holds it by then.
+        a, b = limiter(redis_server.url, total=1, lease=0.6), limiter(redis_server.url, total=1)
+        async with running(a, b):
+            permit = await a.acquire()
+            failed: list[BaseException] = []
+
+            async def wait() -> None:
+                try:
+                    await a.acquire_on_behalf_of("waiter")
+                except RedisUnavailableError as exc:
+                    failed.append(exc)
+
+            events: list[str] = []
+            with anyio.fail_after(15):  # (without the fix the waiter waited for ever)
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait)
+                    await wait_for(lambda: a.statistics().tasks_waiting == 1)
+                    permit.on_lost(lambda: events.append("lost"))
+                    redis_server.command("ACL", "SETUSER", "default", "-evalsha", "-eval")
+                    try:
+                        await anyio.sleep(0.6 + 0.3)  # the server's deadlines for a pass
+                    finally:
+                        redis_server.command("ACL", "SETUSER", "default", "+@all")
+                    await b.acquire()  # the server reaps a's permit and grants it to b...
+                    events.append("granted elsewhere")
+            # ...by then, a had let it go, and its waiter was told its place had lapsed.
+            assert events == ["lost", "granted elsewhere"]
+            assert permit.lost
+            assert a.statistics().lost == 1
+            # The waiter's place lapsed with its lease too: it was told so.
+            assert "whole lease" in str(failed[0])
+            assert a.statistics().tasks_waiting == 0
+            a.release()
+            b.release()
+            async with a:
+                pass
+            await assert_idle(redis_server, a, b)
+
     async def test_waiters_survive_a_reconnect(
         self, redis_url: str, redis_session_server: RedisServer
     ) -> None:
@@ -599,6 +697,20 @@ class TestLeases:
             await wait_for(lambda: a.statistics().connected, timeout=5)
             async with a:
                 pass
+
+    async def test_stopping_while_reconnecting_still_gives_back(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # The connection drops just as the limiter stops: its releases go out once it is
+        # back (within the 5 s the exit waits), not a lease (here 20 s) later.
+        a = limiter(redis_url, total=2, lease=20.0)
+        async with a.running():
+            await a.acquire_on_behalf_of("still held at the exit")
+            async with a:
+                redis_session_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+            await wait_for(lambda: not a.statistics().connected)
+        assert on_server(redis_session_server)[0] == 0
+        await assert_idle(redis_session_server)
 
     async def test_stopping_gives_back_what_is_still_held(
         self,
@@ -746,6 +858,65 @@ class TestCancellation:
             redis_server.resume()
         await asyncio.sleep(0.05)
         assert asyncio.all_tasks() <= before
+
+    async def test_cancelling_the_entry_of_running_at_every_moment(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # Cancelled while it connects (before or after the connection is up): entering
+        # raises the cancellation at once and leaves nothing running.
+        stuck, entered = [], 0
+        for step in range(40):
+            a = limiter(redis_url)
+            delay = step * 0.0002 if step < 39 else 1.0  # the last one gets in
+
+            async def enter(a: SharedCapacityLimiter = a, delay: float = delay) -> None:
+                nonlocal entered
+                with anyio.move_on_after(delay):
+                    async with a.running():
+                        entered += 1
+
+            if not await finishes(enter, a):
+                stuck.append(step)
+                break
+            assert "stopped" in repr(a)
+        assert not stuck, f"entering running() hung when cancelled at steps {stuck}"
+        assert 0 < entered < 40  # some were cut short, some got in
+        await assert_idle(redis_session_server)
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+    async def test_native_cancellation_of_the_entry_of_running_at_every_await(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        before = asyncio.all_tasks()
+        stuck = []
+        for style, step in itertools.product(("cancel", "wait_for"), range(30)):
+            a = limiter(redis_url)
+
+            async def enter(a: SharedCapacityLimiter = a) -> None:
+                async with a.running():
+                    await asyncio.sleep(0)
+
+            async def cancel(
+                a: SharedCapacityLimiter = a, style: str = style, step: int = step
+            ) -> None:
+                task = asyncio.ensure_future(enter(a))
+                if style == "cancel":
+                    for _ in range(step):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(task, step * 0.0002)
+
+            if not await finishes(cancel, a):
+                stuck.append((style, step))
+                break
+        assert not stuck, f"entering running() hung when cancelled at {stuck}"
+        await asyncio.sleep(0.05)
+        assert asyncio.all_tasks() <= before
+        await assert_idle(redis_session_server)
 
     async def test_stopping_under_cancellation_still_gives_back(
         self, redis_url: str, redis_session_server: RedisServer, caplog: pytest.LogCaptureFixture
@@ -941,6 +1112,37 @@ class TestPoolSharedLimit:
                 async with pool.lease():  # a new one, under a new token
                     assert a.borrowed_tokens == 1
             await assert_idle(redis_session_server, a)
+
+    async def test_a_limiter_that_stops_first_takes_its_pools_resources_with_it(
+        self, redis_url: str, redis_session_server: RedisServer
+    ) -> None:
+        # The pool outlives its limiter's 'running()' block: the limiter gives every permit
+        # back as it stops, so the pool must not keep (or hand out) what they stood for.
+        a, b = limiter(redis_url, total=2), limiter(redis_url, total=2)
+        hooks = Connections(redis_session_server)
+        async with b.running():
+            pool = ResourcePool(2, factory=hooks.create, dispose=hooks.dispose, shared_limit=a)
+            async with pool:
+                async with a.running():
+                    leased = await pool.acquire()
+                    async with pool.lease():
+                        pass  # one idle, one leased
+                    assert a.borrowed_tokens == 2
+                # Both permits are free on the server now: another process takes them...
+                taken = [await b.acquire_on_behalf_of(n) for n in range(2)]
+                assert len(taken) == 2
+                # ...so the idle resource goes at once (upkeep), the leased one when it returns.
+                idle = next(iter(hooks.open - {leased}))
+                await wait_for(lambda: idle not in hooks.open)
+                assert pool.statistics().idle == 0
+                await pool.release(leased)
+                assert not hooks.open
+                assert pool.statistics().disposals.limit_lost == 2
+                with pytest.raises(RuntimeError, match="stopped"):
+                    await pool.acquire()  # no resource without a permit
+                for permit in taken:
+                    permit.release()
+            await assert_idle(redis_session_server, b)
 
     async def test_bad_shared_limits(self, redis_url: str) -> None:
         with pytest.raises(TypeError, match="shared_limit must be a SharedCapacityLimiter"):

@@ -183,9 +183,9 @@ class ResourcePool(Generic[T]):
             its cancellation), and gives way to a resource of this pool that comes back meanwhile;
             a creation that fails or is cancelled gives its token back at once. Prefill
             (``min_idle``) takes only tokens that are free at once. A resource whose token was lost
-            (the limiter could not renew it in time) is disposed at its next checkout or return, or
-            by upkeep if idle (reason ``limit_lost``). Use the pool inside the limiter's ``async
-            with limiter.running():`` block.
+            (the limiter could not renew it in time, or stopped first) is disposed at its next
+            checkout or return, or by upkeep if idle (reason ``limit_lost``). Use the pool inside
+            the limiter's ``async with limiter.running():`` block.
 
     Hooks may be sync or async callables. Prefill, idle reaping, retirement of idle resources
     and leak warnings while a lease is held run in the upkeep task of ``async with pool:``.

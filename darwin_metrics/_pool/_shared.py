@@ -12,8 +12,9 @@ idle resource keeps its token until it is disposed (``max_idle_time`` returns th
   meanwhile (its wait is cancelled, and the acquisition takes that resource instead), and when
   the pool closes. Prefill (``min_idle``, ``wait_ready``) takes a token only if one is free at
   once: it never waits for one.
-- A token that is lost (its lease ran out while the process could not reach the server) marks
-  its resource: it is disposed at its next checkout or return, or by upkeep if it is idle.
+- A token that is lost (its lease ran out while the process could not reach the server), or
+  given back because the limiter stopped before the pool closed, marks its resource: it is
+  disposed at its next checkout or return, or by upkeep if it is idle.
 
 Nothing here imports the limiter: any object with the :class:`SharedLimit` methods serves.
 """

@@ -15,10 +15,10 @@ How it works (the server's side is in :mod:`._limiter_scripts`):
   lease. Each limiter renews all of its members in one ``RENEW`` every ``lease / 3`` from the
   task group of ``async with limiter.running():``; the reply also tells it which of its waiters
   were granted meanwhile (a grant message lost with a connection) and which holders are gone
-  (their lease ran out while the process could not reach the server): those are *lost*, their
-  ``async with limiter:`` blocks cancelled. When the earliest holder's lease is about to run out
-  while tasks here wait, the limiter renews right then, so a dead holder's permit moves on at
-  once.
+  (their lease ran out while the process could not reach the server, or the server refused
+  the renewals): those are *lost*, their ``async with limiter:`` blocks cancelled. When the
+  earliest holder's lease is about to run out while tasks here wait, the limiter renews right
+  then, so a dead holder's permit moves on at once.
 - Giving back never awaits: ``release`` queues ``RELEASE`` on the limiter's connection at once
   (ahead of anything the process sends later) and a background task of the limiter checks the
   reply, sending it again after a reconnect. An acquisition that is cancelled or fails at any
@@ -114,7 +114,8 @@ class SharedCapacityLimiterStatistics:
         cancelled: Acquisitions that were cancelled or failed, giving back whatever the
             server had granted them.
         lost: Permits whose lease ran out before this limiter could renew them (it could not
-            reach the server in time): their holders were cancelled.
+            reach the server, or the server refused the renewals, for a whole lease):
+            their holders were cancelled.
         renewals: Renewals the server confirmed (one round trip renews every permit and
             place in the queue this limiter has).
         reaped: Expired holders of any process (a process that died) that this limiter's
@@ -177,9 +178,11 @@ class SharedPermit:
         #: This acquisition's place in the fleet's queue: permits are granted in ticket order.
         self.ticket = 0
         #: A number the server gives each grant, larger than every grant's before it (of
-        #: this limiter name). Hand it to a resource that can refuse requests carrying a
-        #: token older than one it has seen, so that a holder that lost its permit cannot
-        #: act on it any more.
+        #: this limiter name), even after the server forgot its state (a restart without
+        #: persistence, a promoted replica): it is never below the server's clock in
+        #: microseconds. Hand it to a resource that can refuse requests carrying a token
+        #: older than one it has seen, so that a holder that lost its permit cannot act on
+        #: it any more.
         self.fencing_token = 0
         self._member = b""
         self._renewed_at = 0.0
@@ -217,6 +220,9 @@ class SharedPermit:
 
     def on_lost(self, callback: Callable[[], object]) -> None:
         """Call ``callback()`` if the permit is lost (at once if it is lost already).
+
+        It is also called if the limiter stops while the permit is held: stopping gives every
+        permit back, so the server may grant it to others just the same.
 
         It runs synchronously in the limiter's renewal task, which must not be held up: it
         should only note the loss or cancel a scope. Its errors are logged.
@@ -286,10 +292,12 @@ class SharedCapacityLimiter:
 
     **Leases.** A permit is held for ``lease`` seconds at a time and renewed every
     ``lease / 3``. If the process dies, its permits return to the fleet within one lease. If
-    it cannot reach the server for a whole lease (a network partition), its permits are
-    *lost*: the server may grant them to others, so their ``async with limiter:`` blocks are
-    cancelled and raise :class:`~darwin_metrics.CapacityLostError`, and ``statistics().lost``
-    counts them.
+    it cannot reach the server for a whole lease (a network partition), or the server refuses
+    its renewals that long (a replica's ``READONLY``, ``OOM``, an ACL), its permits are
+    *lost* when their lease runs out: the server may grant them to others, so their
+    ``async with limiter:`` blocks are cancelled and raise
+    :class:`~darwin_metrics.CapacityLostError`, and ``statistics().lost`` counts them; tasks
+    waiting here then fail with :class:`~darwin_metrics.RedisUnavailableError`.
 
     **Guarantees and their limit.** Each step (acquire, release, renew, a change of the total)
     is one script on the server, so no crash or cancellation between two steps leaks a permit
@@ -348,6 +356,7 @@ class SharedCapacityLimiter:
         "_owner",
         "_reap_at",
         "_reaped",
+        "_refused",
         "_released",
         "_renewals",
         "_run",
@@ -425,6 +434,7 @@ class SharedCapacityLimiter:
         self._keeper_due = math.inf
         self._last_tick = -math.inf
         self._reap_at = math.inf
+        self._refused = False  # the server refused the last renewal
 
         self._fleet_total = self._total
         self._fleet_borrowed = 0
@@ -593,6 +603,8 @@ class SharedCapacityLimiter:
             raise
         self._task_group = group
         self._run = _Run.RUNNING
+        for scope in self._shields:
+            scope.shield = True
 
     async def _stop(
         self,
@@ -645,8 +657,12 @@ class SharedCapacityLimiter:
     ) -> None:
         """Run ``body`` shielded: a cancellation of the code around ``running()`` must not cut
         the connection before the releases of its exit are on the server. The exit lifts the
-        shields (:meth:`_stop_background`) once they are."""
-        with anyio.CancelScope(shield=True) as scope:
+        shields (:meth:`_stop_background`) once they are.
+
+        Not while ``running()`` is being entered (the shields go up once it has been): a
+        cancellation of the entry must end the connection being made (nothing is held yet),
+        or ``start()`` would wait for it for ever."""
+        with anyio.CancelScope(shield=self._run is _Run.RUNNING) as scope:
             self._shields.append(scope)
             if self._run is _Run.STOPPED:
                 scope.cancel()
@@ -664,13 +680,16 @@ class SharedCapacityLimiter:
         """The limiter stops: take ``permit`` out; return the members to give back."""
         state = permit._state
         permit._state = _State.RELEASED
-        permit._callbacks.clear()
+        callbacks, permit._callbacks = permit._callbacks, []
         self._by_member.pop(permit._member, None)
         permit._error = RuntimeError(f"{self!r} stopped while this task waited for a permit")
         if state is _State.HELD:
             self._released += 1
             if permit._scope is not None:
                 permit._scope.cancel()  # its block raises CapacityLostError
+            # Given back under its holder: whatever it guards (a pool's resource) must go.
+            for callback in callbacks:
+                _call(callback)
         elif state in (_State.REQUESTED, _State.WAITING) and permit._parker is not None:
             permit._parker.wake()
         if state in (_State.REQUESTED, _State.WAITING, _State.HELD):
@@ -678,20 +697,29 @@ class SharedCapacityLimiter:
         return []
 
     async def _flush(self) -> None:
-        """Wait until the server confirmed every release sent (or the connection is gone)."""
+        """Wait until the server confirmed every release; the caller bounds the wait.
+
+        While the connection is down (it is being made again), the releases wait for it.
+        """
         link = self._link
         assert link is not None
-        if link.up and self._to_release:
-            self._send_release(list(self._to_release))
-            self._to_release.clear()
-        while self._unconfirmed and link.up:
-            _, request = self._unconfirmed[-1]
-            try:
-                await request
-            except Exception:  # the confirmer notes it; this only waits
-                await anyio.sleep(0.01)
+        while True:
+            if link.up and self._to_release:
+                members = list(self._to_release)
+                self._to_release.clear()  # (sending may put some back)
+                self._send_release(members)
+            if self._unconfirmed and link.up:
+                _, request = self._unconfirmed[-1]
+                try:
+                    await request
+                except Exception:  # the confirmer notes it; this only waits
+                    await anyio.sleep(0.01)
+                else:
+                    await anyio.lowlevel.checkpoint()  # the confirmer takes it off
+            elif self._unconfirmed or self._to_release:
+                await anyio.sleep(0.01)  # reconnecting: they go out once connected
             else:
-                await anyio.lowlevel.checkpoint()  # the confirmer takes it off
+                return
 
     # -- acquiring ------------------------------------------------------------------------------
 
@@ -1062,10 +1090,15 @@ class SharedCapacityLimiter:
             except RedisUnavailableError:
                 self._last_tick = now
                 continue
-            except Exception as exc:  # the server refused the script (OOM, ACL...)
+            except Exception as exc:  # the server refused the script (READONLY, OOM, ACL...)
                 _logger.warning("%r could not renew its permits: %s", self, describe(exc))
+                # The server lets what it did not renew expire (and grants it to others):
+                # so must this process, from the same deadlines, as if it were unreachable.
+                self._refused = True
+                self._expire_unreachable(self._clock(), "had its renewals refused")
                 self._last_tick = now
                 continue
+            self._refused = False
             if scope.cancelled_caught:
                 link.drop(f"no answer from the server within {interval:.3g} s")
             self._last_tick = now
@@ -1075,13 +1108,16 @@ class SharedCapacityLimiter:
         if self._waiting and self._reap_at < due:
             due = self._reap_at
         link = self._link
-        if link is not None and not link.up:
-            # Unreachable: wake when the first lease here runs out (and when reconnected).
-            due = min(
+        unreachable = link is not None and not link.up
+        if unreachable or self._refused:
+            # Wake when the first lease here runs out: unreachable, only then (and when
+            # reconnected); refused, then too, if that comes before the next attempt.
+            expiry = min(
                 (p._renewed_at + self._lease for p in self._by_member.values()
                  if p._state in (_State.WAITING, _State.HELD)),
                 default=math.inf,
             )  # fmt: skip
+            due = expiry if unreachable else min(due, expiry)
         return due
 
     async def _renew(self, link: Link, sent: float) -> None:
@@ -1121,8 +1157,8 @@ class SharedCapacityLimiter:
             if self._waiting:
                 self._hint(reply)
 
-    def _expire_unreachable(self, now: float) -> None:
-        """No connection: permits whose lease ran out are lost, waiters fail."""
+    def _expire_unreachable(self, now: float, why: str = "could not reach the server") -> None:
+        """No connection (or no renewal): permits whose lease ran out are lost, waiters fail."""
         link = self._link
         assert link is not None
         for member, permit in list(self._by_member.items()):
@@ -1133,9 +1169,7 @@ class SharedCapacityLimiter:
                     self._lose(permit)
                 else:
                     del self._by_member[member]
-                    permit._error = link.unavailable(
-                        f"could not reach the server for a whole lease ({self._lease} s)"
-                    )
+                    permit._error = link.unavailable(f"{why} for a whole lease ({self._lease} s)")
                     if permit._parker is not None:
                         permit._parker.wake()
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .._errors import RedisUnavailableError
 from ._scripts import Script
@@ -226,6 +227,9 @@ class Link:
                 await self._run_once(ready)
             except Exception as exc:
                 if not started:
+                    # Cancelled while connecting: the client library may have turned the
+                    # cancellation into a connection error; it is a cancellation.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                     raise self.unavailable("could not connect", exc) from exc
                 _logger.warning(
                     "SharedCapacityLimiter (%s): lost the connection (%s); reconnecting",

@@ -10,6 +10,9 @@ live in one slot, as a script's keys must)::
     KEYS[5] state    HASH  ticket, fence (counters), total (the limit in force)
     KEYS[6] gone     ZSET  member -> expiry (ms): members given back before they arrived
 
+The fencing token of a grant is the ``fence`` counter plus one, or the server's clock in
+microseconds if that is larger (see ``next_fence``).
+
 A *member* is ``<owner>:<n>``: the limiter instance that asked (its own random id) and a
 number of its own, chosen by the client before the request is sent. Every script starts the
 same way (:data:`_PRELUDE`): it reads the server's clock, removes the holders and waiters whose
@@ -46,6 +49,19 @@ if not total then
   redis.call('HSET', S, 'total', total)
 end
 local reaped = 0
+-- Fencing tokens: strictly increasing, and never below the server's clock in microseconds,
+-- so that a server that forgot the counter (restarted without persistence, a promoted
+-- replica that missed the latest grants) still gives larger ones than before. Written and
+-- published as decimal strings: Lua would print such numbers in exponent notation.
+local function next_fence()
+  local fence = redis.call('HINCRBY', S, 'fence', 1)
+  local floor = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if fence < floor then
+    fence = floor
+    redis.call('HSET', S, 'fence', string.format('%.0f', fence))
+  end
+  return fence, string.format('%.0f', fence)
+end
 local function reap()
   local dead = redis.call('ZRANGEBYSCORE', H, '-inf', now, 'LIMIT', 0, 1000)
   if #dead > 0 then
@@ -69,7 +85,7 @@ local function serve()
     local deadline = redis.call('ZSCORE', W, m) or (now + 1000)
     redis.call('ZREM', Q, m)
     redis.call('ZREM', W, m)
-    local fence = redis.call('HINCRBY', S, 'fence', 1)
+    local _, fence = next_fence()
     redis.call('ZADD', H, deadline, m)
     redis.call('HSET', F, m, fence)
     held = held + 1
@@ -105,9 +121,9 @@ local m = ARGV[3]
 if redis.call('ZSCORE', G, m) then return tail({-2, 0, 0}, held) end
 if held < total then
   local ticket = redis.call('HINCRBY', S, 'ticket', 1)
-  local fence = redis.call('HINCRBY', S, 'fence', 1)
+  local fence, text = next_fence()
   redis.call('ZADD', H, now + tonumber(ARGV[4]), m)
-  redis.call('HSET', F, m, fence)
+  redis.call('HSET', F, m, text)
   return tail({1, ticket, fence}, held + 1)
 end
 if ARGV[5] == 'try' then return tail({-1, 0, 0}, held) end
