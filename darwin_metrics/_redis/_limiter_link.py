@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ import anyio.lowlevel
 
 from .._errors import RedisUnavailableError
 from ._scripts import Script
-from ._support import close_buffers, describe, import_coredis
+from ._support import Backoff, close_buffers, describe, import_coredis
 
 if TYPE_CHECKING:
     import coredis.connection
@@ -36,9 +35,6 @@ __all__ = ["Link", "connection_factory"]
 
 _logger = logging.getLogger("darwin_metrics")
 
-#: Reconnection backoff, in seconds: doubled per failure, jittered, capped.
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 1.0
 #: The name the limiter's connection gives itself (``CLIENT LIST`` shows it).
 CLIENT_NAME = "darwin-metrics-limiter"
 
@@ -212,12 +208,12 @@ class Link:
         The first connection must succeed: its failure is raised (as
         :class:`RedisUnavailableError`) before ``task_status.started()``.
         """
-        delay = _BACKOFF_MIN
+        backoff = Backoff()
         started = False
 
         def ready() -> None:
-            nonlocal started, delay
-            delay = _BACKOFF_MIN
+            nonlocal started
+            backoff.reset()
             if not started:
                 started = True
                 task_status.started()
@@ -236,8 +232,7 @@ class Link:
                     self.where,
                     describe(exc),
                 )
-            await anyio.sleep(delay * random.uniform(0.8, 1.0))
-            delay = min(delay * 2, _BACKOFF_MAX)
+            await backoff.sleep()
 
     async def _run_once(self, ready: Callable[[], None]) -> None:
         library = import_coredis()
