@@ -363,6 +363,8 @@ class TestTotalTokens:
             a.total_tokens = 0
         with pytest.raises(TypeError, match="must be an int"):
             a.total_tokens = 2.5  # type: ignore[assignment]
+        with pytest.raises(ValueError, match="at most"):
+            a.total_tokens = 2**60
         assert a.total_tokens == 2
 
 
@@ -375,6 +377,7 @@ class TestBadInput:
             (("url", "x", 2.0), {}, TypeError, "total_tokens must be an int"),
             (("url", "x", True), {}, TypeError, "total_tokens must be an int"),
             (("url", "x", "2"), {}, TypeError, "total_tokens must be an int"),
+            (("url", "x", 2**53), {}, ValueError, r"total_tokens must be at most 2\*\*53 - 1"),
             (("url", b"x", 2), {}, TypeError, "name must be a str, not bytes"),
             (("url", None, 2), {}, TypeError, "name must be a str, not NoneType"),
             (("url", "", 2), {}, ValueError, "name must not be empty"),
@@ -383,6 +386,8 @@ class TestBadInput:
             (("url", "x", 2), {"lease": 0}, ValueError, "positive"),
             (("url", "x", 2), {"lease": "30"}, TypeError, "lease must be a number"),
             (("url", "x", 2), {"lease": float("nan")}, ValueError, "lease"),
+            (("url", "x", 2), {"lease": 1e300}, ValueError, "lease must be at most 1e"),
+            (("url", "x", 2), {"lease": float("inf")}, ValueError, "lease"),
             (("redis://:bad", "x", 2), {}, ValueError, "URL"),
             (("http://host", "x", 2), {}, ValueError, "must start with redis://"),
             ((42, "x", 2), {}, TypeError, "must be a URL or a coredis.Redis client, not int"),

@@ -70,6 +70,11 @@ _logger = logging.getLogger("darwin_metrics")
 
 #: The shortest lease: holders renew every ``lease / 3``, and a renewal needs a round trip.
 MIN_LEASE = 0.3
+#: The longest lease: deadlines are kept in milliseconds of the server's clock, in the
+#: scripts' numbers (doubles), which must stay exact (about 31 years).
+MAX_LEASE = 1e9
+#: The largest total: the scripts count permits in doubles, exact up to 2**53.
+MAX_TOTAL = 2**53 - 1
 #: The prefix of every key and channel of a limiter named ``name``: ``PREFIX + "{name}:"``.
 PREFIX = "darwin-metrics:limiter:"
 #: The most members one ``RENEW`` or ``RELEASE`` carries.
@@ -321,9 +326,9 @@ class SharedCapacityLimiter:
 
     Raises:
         TypeError: An argument has the wrong type.
-        ValueError: A bad URL, an empty name, ``total_tokens`` below 1, or a lease too short
-            for its renewals (below 0.3 s: renewing every ``lease / 3`` would leave no time
-            for a round trip).
+        ValueError: A bad URL, an empty name, ``total_tokens`` below 1 (or above
+            ``2**53 - 1``), or a lease too short for its renewals (below 0.3 s: renewing every
+            ``lease / 3`` would leave no time for a round trip) or above 10**9 s.
         ImportError: coredis is not installed (``pip install 'darwin-metrics[redis]'``).
     """
 
@@ -393,6 +398,11 @@ class SharedCapacityLimiter:
                 f"lease must be at least {MIN_LEASE} s, got {seconds!r}: holders renew every "
                 f"lease / 3 ({seconds / 3:.3g} s), which leaves no time for a round trip to "
                 "the server"
+            )
+        if seconds > MAX_LEASE:
+            raise ValueError(
+                f"lease must be at most {MAX_LEASE:g} s, got {seconds!r}: a dead process's "
+                "permits stay taken for a whole lease"
             )
         self._lease = seconds
         self._lease_ms = max(1, round(seconds * 1000))
@@ -473,7 +483,7 @@ class SharedCapacityLimiter:
 
         Raises:
             TypeError: Not an int.
-            ValueError: Below 1.
+            ValueError: Below 1, or above ``2**53 - 1``.
             RuntimeError: Set from another thread than the one running the limiter.
         """
         return self._fleet_total
@@ -1273,6 +1283,12 @@ def _single(exc: BaseException) -> BaseException:
 def _check_total(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"total_tokens must be an int, not {type(value).__name__}")
-    if value < 1:
+    total = int(value)
+    if total < 1:
         raise ValueError(f"total_tokens must be at least 1, got {value!r}")
-    return int(value)
+    if total > MAX_TOTAL:
+        raise ValueError(
+            f"total_tokens must be at most 2**53 - 1 (the server counts permits exactly up to "
+            f"there), got {value!r}"
+        )
+    return total
