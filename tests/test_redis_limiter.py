@@ -127,6 +127,30 @@ async def running(*limiters: SharedCapacityLimiter) -> AsyncIterator[None]:
         yield
 
 
+async def cancel_natively(task: asyncio.Future[Any], style: str, step: int, unit: float) -> None:
+    """Cancel ``task`` asyncio's own way, as users' code does, and wait until it is done.
+
+    ``"cancel"``: ``task.cancel()`` after ``step`` loop iterations; ``"timeout"`` and
+    ``"wait_for"``: ``asyncio.timeout`` / ``asyncio.wait_for`` of ``step * unit`` seconds
+    (``wait_for`` where ``asyncio.timeout`` does not exist, before Python 3.11). The task
+    may finish first; its cancellation is not raised here.
+    """
+    if style == "cancel":
+        for _ in range(step):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    elif style == "timeout" and hasattr(asyncio, "timeout"):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(step * unit):
+                await task
+    else:
+        assert style in ("timeout", "wait_for"), style
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(task, step * unit)
+
+
 class TestAcquireAndRelease:
     async def test_async_with_holds_one_permit_of_the_fleets(
         self, redis_url: str, redis_session_server: RedisServer
@@ -796,19 +820,7 @@ class TestCancellation:
 
                 helper = asyncio.ensure_future(release_soon())
                 task = asyncio.ensure_future(take())
-                if style == "cancel":
-                    for _ in range(step):
-                        await asyncio.sleep(0)
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                elif style == "timeout":
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(step * 0.0003):
-                            await task
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(task, step * 0.0003)
+                await cancel_natively(task, style, step, 0.0003)
                 await helper
                 outcomes.add(task.cancelled())
                 await assert_idle(redis_session_server, a, b)
@@ -905,15 +917,7 @@ class TestCancellation:
                 a: SharedCapacityLimiter = a, style: str = style, step: int = step
             ) -> None:
                 task = asyncio.ensure_future(enter(a))
-                if style == "cancel":
-                    for _ in range(step):
-                        await asyncio.sleep(0)
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(task, step * 0.0002)
+                await cancel_natively(task, style, step, 0.0002)
 
             if not await finishes(cancel, a):
                 stuck.append((style, step))
@@ -1204,15 +1208,7 @@ class TestPoolSharedLimit:
                 for _ in range(step % 5):
                     await asyncio.sleep(0)
                 elsewhere.release()
-                if style == "cancel":
-                    for _ in range(step):
-                        await asyncio.sleep(0)
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(task, step * 0.0003)
+                await cancel_natively(task, style, step, 0.0003)
                 await wait_for(
                     lambda: on_server(redis_session_server)[0] == pool.statistics().size
                 )
