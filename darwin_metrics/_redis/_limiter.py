@@ -799,6 +799,8 @@ class SharedCapacityLimiter:
             RedisUnavailableError: The limiter has no connection to the server now, or lost
                 it while waiting for a reply (nothing is held), or could not reach the server
                 for a whole lease while waiting.
+            coredis.exceptions.ResponseError: The server refused the limiter's script (an ACL
+                that forbids ``EVALSHA``, a replica's ``READONLY``, ``OOM``); nothing is held.
             RuntimeError: Not running, used from another thread, or this task already holds
                 or waits for one of this limiter's permits.
         """
