@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from anyio import CancelScope
 
-from .._errors import PoolOverloadedError, PoolTimeoutError
+from .._errors import PoolOverloadedError, PoolPausedError, PoolTimeoutError
 from .._histogram import _Recorder
 from .._lowlevel import Parker, current_loop, wrong_loop_error
 from .._tasks import exit_task_group
@@ -190,6 +190,10 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
         self._dispose = dispose
         self._plain_checkout = check is None and max_lifetime is None and not min_idle
         self._plain_return = reset is None and max_lifetime is None and max_idle_time is None
+        self._paused = self._pause_rejects = False
+        self._draining = 0  # resources of drained generations that are still owned
+        self._fast_checkout = self._fast_return = False
+        self._update_fast_paths()
 
         self._keys = {}
         # Every idle resource of every key, the longest idle first: the eviction order.
@@ -372,7 +376,7 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             self._enter()  # binds on first use; raises from another loop
         k = self._key_of(key)
         idle = k.idle
-        if idle and self._plain_checkout and not k.waiters:
+        if idle and self._fast_checkout and not k.waiters:
             # Fast path: take the resource, then one checkpoint; if that is cancelled, put
             # it back. Taking it first means it is never seen idle while a task waits.
             entry = idle.pop()
@@ -400,7 +404,15 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
     async def _take_slow(
         self, lease: _KeyedLease[K, T], k: _Key, timeout: float | None, wait: bool
     ) -> _Slot | None:
-        if self._grant_self(lease, k):
+        if self._paused:
+            if self._pause_rejects:
+                self._maybe_drop_key(k)
+                await self._checkpoint()
+                raise PoolPausedError(f"{self!r} is paused: acquisitions fail until resume()")
+            granted = False
+        else:
+            granted = self._grant_self(lease, k)
+        if granted:
             try:
                 await self._checkpoint()
             except BaseException:
@@ -585,6 +597,8 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
                 raise
             if not ok:
                 reason = "check_failed"
+        if reason is None and self._is_drained(candidate):
+            reason = "drained"  # drain() ran while it was checked
         if reason is None:
             return True
         lease.candidate = None
@@ -600,11 +614,11 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
 
         Its slot is freed (and served to the next waiter), an evicted victim that was never
         disposed goes back to idle with its overall token, a bound or candidate resource goes
-        back to idle. Nothing awaits unless the pool closed meanwhile and resources must be
-        disposed. ``front``: the lease was served and never acted on, so its key keeps its
-        place in the queues.
+        back to idle. Nothing awaits unless the pool closed (or the resources were drained)
+        meanwhile and resources must be disposed. ``front``: the lease was served and never
+        acted on, so its key keeps its place in the queues.
         """
-        orphans: list[_Slot] = []
+        orphans: list[tuple[_Slot, KeyedDisposalReason]] = []
         slot, victim = lease.slot, lease.victim
         lease.slot = lease.victim = None
         if victim is not None:
@@ -626,14 +640,16 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             if entry is None:
                 continue
             if self._closed:
-                orphans.append(entry)
+                orphans.append((entry, "closed"))
+            elif self._is_drained(entry):
+                orphans.append((entry, "drained"))
             else:
                 self._idle_restore(entry)
         lease.candidate = None
         deferred: BaseException | None = None
-        for orphan in orphans:
-            self._forget(orphan, "closed")
-        for orphan in orphans:
+        for orphan, reason in orphans:
+            self._forget(orphan, reason)
+        for orphan, _ in orphans:
             deferred = await self._dispose_and_free(orphan) or deferred
         if deferred is not None:
             raise deferred
@@ -652,6 +668,8 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             reason = "reset_failed"
         elif self._closed:
             reason = "closed"
+        elif self._is_drained(entry):
+            reason = "drained"
         elif self._max_lifetime is not None and entry.retire_at <= self._clock():
             reason = "lifetime"
         if reason is None:
@@ -762,7 +780,8 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
 
         It always goes back: to a waiting task (of its key, or of a key with nothing, which
         disposes it to make room), or to idle (after the ``reset`` hook, if any); or it is
-        disposed when the pool is closed, ``reset`` failed, or it outlived ``max_lifetime``.
+        disposed when the pool is closed, ``reset`` failed, it outlived ``max_lifetime``, or it
+        was made before :meth:`drain`.
 
         Not a checkpoint, unless a ``reset`` or ``dispose`` hook awaits. When the calling
         task is cancelled (however: an anyio scope, trio, or asyncio's ``task.cancel()``), the
@@ -805,6 +824,108 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
         deferred = await self._dispose_and_free(entry)
         if deferred is not None:
             raise deferred
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def pause(self, *, reject: bool = False) -> None:
+        """Stop handing out resources, for every key, until :meth:`resume` (HikariCP's suspend).
+
+        While paused, acquisitions wait (``reject=False``) or fail at once with
+        :class:`~darwin_metrics.PoolPausedError` (``reject=True``, after a checkpoint);
+        :meth:`try_acquire` answers ``None`` (or raises, with ``reject=True``). Tasks already
+        waiting go on waiting, and may still time out or be cancelled (leaving nothing
+        behind). Leases out keep working; resources given back while paused go back to idle,
+        not to a waiting task. Upkeep goes on: idle reaping and retirement, and prefill to
+        ``min_idle`` while no task waits. Calling it again only changes ``reject``. Not a
+        checkpoint.
+
+        Raises:
+            TypeError: ``reject`` is not a bool; nothing changed.
+        """
+        if not isinstance(reject, bool):
+            raise TypeError(f"reject must be a bool, got {type(reject).__name__} {reject!r}")
+        self._paused = True
+        self._pause_rejects = reject
+        self._update_fast_paths()
+
+    def resume(self) -> None:
+        """Hand out resources again after :meth:`pause`; the waiting tasks are served at once.
+
+        Each key's waiting tasks are served in their FIFO order, from its idle resources and
+        then from new ones as both limits leave room (keys with nothing first, as always).
+        Does nothing if the pool is not paused. Not a checkpoint.
+
+        Raises:
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
+        """
+        if not self._paused:
+            return
+        if self._total is not None:
+            self._enter()
+        self._paused = self._pause_rejects = False
+        self._update_fast_paths()
+        if self._waiting:
+            for k in list(self._keys.values()):
+                if k.idle and k.waiters:
+                    self._serve(k)  # what came back while paused goes to its key's tasks
+            self._serve(None)  # then the room that is left
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` was called and :meth:`resume` not yet."""
+        return self._paused
+
+    async def drain(self, *keys: K) -> int:
+        """Replace resources (HikariCP's soft evict): for a credential rotation, a failover.
+
+        With no argument, every key's; with keys, only theirs (one host that failed over).
+        Every idle resource of them is disposed now, and every leased one (or one being
+        checked or reset) as it comes back; new acquisitions get fresh resources from the
+        factory, and upkeep refills ``min_idle``. A resource whose factory call was running
+        when ``drain`` was called counts as fresh. Both limits hold throughout: a drained
+        resource keeps its place until its ``dispose`` returned. Works while paused too.
+        Returns how many idle resources were disposed now; keys the pool holds nothing for
+        are skipped.
+
+        Not a checkpoint, unless a ``dispose`` hook awaits. Disposal completes even when the
+        calling task is cancelled, however (an anyio scope, trio, or asyncio's own
+        ``task.cancel()``): every resource is disposed, then the cancellation is raised.
+
+        Raises:
+            TypeError: A key is not hashable; nothing changed.
+            RuntimeError: Called from an event loop other than the pool's; nothing changed.
+        """
+        if keys:
+            drained: list[_Key] = []
+            for key in keys:
+                try:
+                    k = self._keys.get(key)
+                except TypeError:
+                    raise _unhashable(key) from None
+                if k is not None and k not in drained:
+                    drained.append(k)
+        else:
+            drained = list(self._keys.values())
+        self._enter()
+        idle: list[_Slot] = []
+        for k in drained:
+            for entry in k.idle:
+                del self._lru[entry]
+            idle.extend(k.idle)
+            k.idle.clear()
+        # Everything they own now (the idle ones just taken out, and those leased, being
+        # checked or reset, or evicted) becomes old: _forget counts each down as it goes.
+        chosen = set(drained)
+        for entry in self._owned.values():
+            if entry.key in chosen and not self._is_drained(entry):
+                self._draining += 1
+        for k in drained:
+            k.generation += 1
+        self._update_fast_paths()
+        if idle and self._min_idle:
+            self._wake_upkeep()
+        await self._dispose_entries(idle, "drained")
+        return len(idle)
 
     async def aclose(self) -> None:
         """Close the pool. Idempotent.

@@ -97,8 +97,11 @@ class _KeyedCore:
         "_disposals",
         "_dispose",
         "_disposed",
+        "_draining",
         "_factory",
         "_factory_errors",
+        "_fast_checkout",
+        "_fast_return",
         "_hook_timeout",
         "_keys",
         "_leased",
@@ -113,6 +116,8 @@ class _KeyedCore:
         "_min_idle",
         "_needs_fill",
         "_owned",
+        "_pause_rejects",
+        "_paused",
         "_plain_checkout",
         "_plain_return",
         "_rejected",
@@ -148,8 +153,11 @@ class _KeyedCore:
     _disposals: dict[KeyedDisposalReason, int]
     _dispose: Callable[[Any, Any], object] | None
     _disposed: int
+    _draining: int
     _factory: Callable[[Any], Any]
     _factory_errors: int
+    _fast_checkout: bool
+    _fast_return: bool
     _hook_timeout: float | None
     _keys: dict[Hashable, _Key]
     _leased: dict[int, _KeyedLease[Any, Any]]
@@ -164,6 +172,8 @@ class _KeyedCore:
     _min_idle: int
     _needs_fill: OrderedDict[_Key, None]
     _owned: dict[int, _Slot]
+    _pause_rejects: bool
+    _paused: bool
     _plain_checkout: bool
     _plain_return: bool
     _rejected: int
@@ -194,6 +204,20 @@ class _KeyedCore:
 
     def _closed_error(self) -> PoolClosedError:
         return PoolClosedError(f"{self!r} is closed")
+
+    def _update_fast_paths(self) -> None:
+        """Checkout and give-back skip their general paths only while nothing needs them.
+
+        Not while paused (a checkout must queue), nor while resources of a drained
+        generation are out (each must be disposed when it comes back).
+        """
+        self._fast_checkout = self._plain_checkout and not self._paused
+        self._fast_return = self._plain_return and not self._draining
+
+    @staticmethod
+    def _is_drained(entry: _Slot) -> bool:
+        """Whether ``entry`` was made before its key was last drained."""
+        return entry.generation != entry.key.generation
 
     # ------------------------------------------------------------------ keys and places
 
@@ -396,8 +420,8 @@ class _KeyedCore:
         ``touched`` is the key whose resource just became idle, if any. Sync; called after
         every change that can free a slot or add an idle resource.
         """
-        if self._closed:
-            return
+        if self._closed or self._paused:
+            return  # resume() serves them
         while self._waiting:
             k = self._cold_head()
             if k is not None and self._grant_room(k, self._cold):
@@ -525,6 +549,10 @@ class _KeyedCore:
     def _forget(self, entry: _Slot, reason: KeyedDisposalReason) -> None:
         """The pool no longer owns ``entry``'s resource (sync); its slot stays until disposed."""
         del self._owned[id(entry.resource)]
+        if entry.generation != entry.key.generation:
+            self._draining -= 1
+            if not self._draining:
+                self._update_fast_paths()  # the last of the drained ones is gone
         self._disposed += 1
         self._disposals[reason] += 1
         k = entry.key
@@ -651,6 +679,7 @@ class _KeyedCore:
                 "joins it once"
             )
         slot.resource = resource
+        slot.generation = k.generation  # made after a drain() that started meanwhile: new
         slot.created_at = slot.idle_since = now
         if self._max_lifetime is not None:
             slot.retire_at = now + self._max_lifetime * (1.0 - _LIFETIME_JITTER * random.random())

@@ -57,6 +57,7 @@ class _Slot:
 
     __slots__ = (
         "created_at",
+        "generation",
         "holds_total",
         "idle_since",
         "key",
@@ -72,6 +73,7 @@ class _Slot:
         self.idle_since = 0.0
         self.retire_at = math.inf
         self.holds_total = True
+        self.generation = 0  # its key's generation when it was made (see drain())
         self.stamp = 0  # when it last became idle, in the pool's count of such events
 
     def __repr__(self) -> str:
@@ -92,6 +94,7 @@ class _Key:
         "dropped",
         "evicted",
         "factory_errors",
+        "generation",
         "idle",
         "key",
         "last_used",
@@ -118,6 +121,7 @@ class _Key:
         self.waiters: deque[_KeyedLease[Any, Any]] = deque()
         self.last_used = now
         self.dropped = False
+        self.generation = 0  # drain() starts a new one; older resources are disposed
         # Entries of the pool's cold and warm queues are (key, generation): a generation
         # change makes the key's old entry stale, so that it queues again at the back.
         self.cold_gen = 0
@@ -213,7 +217,7 @@ class _KeyedLease(Generic[K, T]):
         if entry is None:
             return  # discarded or released inside the block
         pool = self._pool
-        if pool._plain_return and not pool._closed:
+        if pool._fast_return and not pool._closed:
             # The common case, without a coroutine: back to idle, served to a waiter if any.
             del pool._leased[id(entry.resource)]
             self.entry = None

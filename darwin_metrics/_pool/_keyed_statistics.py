@@ -19,7 +19,7 @@ __all__ = [
 K = TypeVar("K")
 
 KeyedDisposalReason = Literal[
-    "discarded", "check_failed", "reset_failed", "idle", "lifetime", "evicted", "closed"
+    "discarded", "check_failed", "reset_failed", "idle", "lifetime", "evicted", "drained", "closed"
 ]
 """Why a resource left a keyed pool: one field of :class:`KeyedPoolDisposals`."""
 
@@ -41,6 +41,9 @@ class KeyedPoolDisposals:
     evicted: int
     """Idle in one key while ``max_total`` was reached and a task waited for another key: the
     longest idle resource of the pool made room for it."""
+    drained: int
+    """Made before :meth:`~darwin_metrics.resource.KeyedResourcePool.drain`: disposed when it
+    was called (idle ones) or when they came back (leased ones)."""
     closed: int
     """Idle when the pool closed, or given back after it closed."""
 
