@@ -22,6 +22,7 @@ from darwin_metrics import (
     PoolClosedError,
     PoolError,
     PoolOverloadedError,
+    PoolPausedError,
     PoolTimeoutError,
 )
 from darwin_metrics.resource import (
@@ -119,8 +120,11 @@ def assert_invariants(pool: KeyedResourcePool[Any, Any]) -> KeyedPoolStatistics[
     for key, ks in stats.per_key.items():
         assert ks.size <= stats.max_per_key, (key, ks)
         assert ks.size == ks.idle + ks.leased, (key, ks)
-        assert not (ks.waiting and ks.idle), f"{key!r} waits with an idle resource: {ks}"
-        if stats.idle:  # an idle resource anywhere could make room for a key with room
+        if pool.paused:  # nothing is handed out: waiting tasks and idle resources coexist
+            pass
+        elif ks.waiting and ks.idle:
+            raise AssertionError(f"{key!r} waits with an idle resource: {ks}")
+        elif stats.idle:  # an idle resource anywhere could make room for a key with room
             assert not (ks.waiting and ks.size < stats.max_per_key), (key, stats)
         assert ks.size or ks.waiting, f"{key!r} holds nothing and should be gone"
     assert sum(ks.size for ks in stats.per_key.values()) == stats.size
@@ -628,6 +632,436 @@ class TestAdmissionControl:
         assert issubclass(PoolOverloadedError, PoolError)
         assert issubclass(PoolOverloadedError, DarwinMetricsError)
         assert not issubclass(PoolOverloadedError, TimeoutError)
+
+
+class TestPause:
+    async def test_acquisitions_wait_and_resume_serves_each_key_in_fifo_order(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(max_per_key=1, max_total=3, hooks=hooks)
+        async with pool.lease("a"):
+            pass  # one idle resource for "a"
+        pool.pause()
+        assert pool.paused
+        served: list[tuple[str, int]] = []
+
+        async def take(key: str, number: int) -> None:
+            async with pool.lease(key):
+                served.append((key, number))
+                await anyio.sleep(1)
+
+        async with anyio.create_task_group() as tg:
+            for number in range(3):
+                tg.start_soon(take, "a", number)
+                await anyio.wait_all_tasks_blocked()
+            tg.start_soon(take, "b", 0)
+            await anyio.sleep(5)  # paused: nobody is served, however long
+            stats = assert_invariants(pool)
+            assert (served, stats.waiting, stats.idle, stats.leased) == ([], 4, 1, 0)
+            assert await pool.try_acquire("c") is None  # never waits, answers None
+            assert hooks.calls == 1
+            pool.resume()
+            assert not pool.paused
+        assert [number for key, number in served if key == "a"] == [0, 1, 2]  # FIFO
+        assert ("b", 0) in served
+        assert [conn.key for conn in hooks.made] == ["a", "b"]  # "a" reused its resource
+        stats = assert_invariants(pool)
+        assert (stats.acquired_after_wait, stats.waits_abandoned) == (4, 0)
+
+    async def test_reject_fails_new_acquisitions_at_once_and_waiters_keep_waiting(self) -> None:
+        pool = make_pool(max_per_key=1, max_total=2)
+        holder = await pool.acquire("a")
+        pool.pause()
+        result: list[Conn] = []
+
+        async def wait_for_one() -> None:
+            result.append(await pool.acquire("a"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_one)
+            await anyio.wait_all_tasks_blocked()
+            pool.pause(reject=True)  # again: only changes what newcomers get
+            before = anyio.current_time()
+            with pytest.raises(PoolPausedError, match="paused"):
+                await pool.acquire("b", timeout=10)
+            with pytest.raises(PoolPausedError):
+                async with pool.lease("a"):
+                    pass  # pragma: no cover
+            with pytest.raises(PoolPausedError):
+                await pool.try_acquire("c")
+            assert anyio.current_time() == before  # at once
+            stats = pool.statistics()
+            assert (stats.keys, stats.waiting, stats.size) == (1, 1, 1)  # no "b" or "c" left
+            await pool.release(holder)  # goes idle: the waiter is not served while paused
+            assert (pool.statistics().idle, result) == (1, [])
+            pool.resume()
+        assert result == [holder]
+        await pool.release(holder)
+        assert_invariants(pool)
+        async with pool.lease("b"):  # resumed: everything as before
+            pass
+
+    async def test_the_refusal_is_a_checkpoint(self) -> None:
+        pool = make_pool()
+        pool.pause(reject=True)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await pool.acquire("a")
+            raise AssertionError("unreachable")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert pool.statistics().keys == 0
+
+    async def test_leases_out_keep_working_and_come_back_idle(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(max_per_key=2, max_total=2, hooks=hooks)
+        a = await pool.acquire("a")
+        async with pool.lease("b") as b:
+            pool.pause()
+            await pool.release(a)  # release()
+        stats = assert_invariants(pool)  # and the lease's exit
+        assert (stats.idle, stats.leased) == (2, 0)
+        pool.resume()
+        assert await pool.acquire("a") is a  # the same resources, nothing made anew
+        assert await pool.acquire("b") is b
+        assert hooks.calls == 2
+        await pool.release(a)
+        await pool.release(b)
+
+    async def test_a_waiter_cancelled_or_timed_out_while_paused_leaves_no_trace(self) -> None:
+        pool = make_pool(max_per_key=1, max_total=1)
+        async with pool.lease("a"):
+            pass
+        pool.pause()
+        with anyio.move_on_after(2) as scope:
+            await pool.acquire("a")
+        assert scope.cancelled_caught
+        with pytest.raises(PoolTimeoutError):
+            await pool.acquire("b", timeout=1)
+        stats = assert_invariants(pool)
+        assert (stats.waiting, stats.keys, stats.idle, stats.waits_abandoned) == (0, 1, 1, 2)
+        assert (stats.timeouts, stats.acquired) == (1, 1)
+        pool.resume()
+        async with pool.lease("b"):  # evicts "a": the place was never lost
+            pass
+        assert assert_invariants(pool).keys == 1
+
+    async def test_close_while_paused_fails_the_waiters(self) -> None:
+        pool = make_pool()
+        pool.pause()
+        errors: list[BaseException] = []
+
+        async def wait() -> None:
+            with pytest.raises(PoolClosedError) as info:
+                await pool.acquire("a")
+            errors.append(info.value)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await pool.aclose()
+        assert len(errors) == 1
+        pool.resume()  # nothing to serve, nothing raised
+        assert pool.statistics().waiting == 0
+
+    async def test_upkeep_prefills_while_paused(self) -> None:
+        hooks = Hooks()
+        async with make_pool(max_per_key=2, max_total=4, hooks=hooks, min_idle=2) as pool:
+            async with pool.lease("a"):
+                pass
+            pool.pause()
+            await anyio.sleep(1)
+            assert pool.statistics().per_key["a"].idle == 2
+            pool.resume()
+
+
+class TestDrain:
+    async def test_idle_now_leased_on_return_and_fresh_ones_after(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(max_per_key=2, max_total=3, hooks=hooks)
+        a0 = await pool.acquire("a")
+        a1 = await pool.acquire("a")
+        b0 = await pool.acquire("b")
+        await pool.release(a1)
+        await pool.release(b0)
+        assert await pool.drain() == 2
+        assert hooks.disposed == [a1, b0]
+        stats = assert_invariants(pool)
+        assert (stats.size, stats.leased, stats.disposals.drained, stats.keys) == (1, 1, 2, 1)
+        async with pool.lease("a") as fresh:  # a0 keeps its place: 2 for "a", at most
+            assert fresh not in (a0, a1)
+            assert assert_invariants(pool).size == 2
+            with pytest.raises(PoolTimeoutError):  # max_per_key still holds
+                await pool.acquire("a", timeout=1)
+        await pool.release(a0)  # made before drain(): disposed on the way back
+        assert a0.closed
+        stats = assert_invariants(pool)
+        assert (stats.disposals.drained, stats.disposed, stats.idle) == (3, 3, 1)
+        assert await pool.acquire("a") is fresh  # the new generation is pooled as usual
+        await pool.release(fresh)
+        assert await pool.drain() == 1  # again
+        assert assert_invariants(pool).size == 0
+
+    async def test_a_lease_exit_disposes_a_drained_resource(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(hooks=hooks)  # no hooks but dispose: the lease exit's fast path
+        async with pool.lease("a") as old:
+            assert await pool.drain() == 0
+        assert old.closed
+        async with pool.lease("a") as new:
+            assert new is not old
+        assert (await pool.acquire("a")) is new  # given back to idle: fast paths again
+        await pool.release(new)
+        stats = assert_invariants(pool)
+        assert (stats.disposals.drained, stats.idle) == (1, 1)
+
+    async def test_one_key(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(max_per_key=2, max_total=4, hooks=hooks)
+        for key in ("a", "b", "c"):
+            async with pool.lease(key):
+                pass
+        b = await pool.acquire("b")
+        await pool.release(b)
+        held = await pool.acquire("a")
+        async with pool.lease("a") as a_idle:
+            pass
+        assert await pool.drain("a", "zzz", "a") == 1  # unknown keys are skipped
+        assert hooks.disposed == [a_idle]
+        stats = assert_invariants(pool)
+        assert (sorted(stats.per_key), stats.disposals.drained) == (["a", "b", "c"], 1)
+        assert await pool.acquire("b") is b  # the others keep theirs
+        await pool.release(b)
+        await pool.release(held)
+        assert held.closed
+        assert "zzz" not in pool.statistics().per_key
+        assert await pool.drain("c") == 1
+        assert sorted(assert_invariants(pool).per_key) == ["b"]
+
+    async def test_both_limits_hold_while_drained_resources_are_disposed(self) -> None:
+        alive: dict[str, int] = {}
+
+        async def factory(key: str) -> Conn:
+            alive[key] = alive.get(key, 0) + 1
+            assert alive[key] <= 2, alive
+            assert sum(alive.values()) <= 3, alive
+            await anyio.sleep(0.1)
+            return Conn(key, 0)
+
+        async def dispose(key: str, conn: Conn) -> None:
+            await anyio.sleep(0.5)
+            alive[key] -= 1
+
+        pool = track(KeyedResourcePool(2, 3, factory=factory, dispose=dispose))
+        served: list[str] = []
+
+        async def use(key: str) -> None:
+            async with pool.lease(key, timeout=30):
+                served.append(key)
+                await anyio.sleep(0.3)
+
+        async with anyio.create_task_group() as tg:
+            for key in "aab":
+                tg.start_soon(use, key)
+            await anyio.sleep(0.2)  # all three leased: max_total reached
+            for key in "abcab":
+                tg.start_soon(use, key)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(pool.drain)
+            await anyio.sleep(0.05)
+            tg.start_soon(pool.drain, "a")
+        assert sorted(served) == sorted("aababcab")
+        stats = assert_invariants(pool)
+        assert stats.disposals.drained >= 3
+        assert all(count <= 2 for count in alive.values())
+        assert sum(alive.values()) == stats.size
+
+    async def test_a_resource_being_checked_is_replaced(self) -> None:
+        gate = anyio.Event()
+        hooks = Hooks()
+
+        async def check(key: str, conn: Conn) -> bool:
+            await gate.wait()
+            return True
+
+        pool = track(
+            KeyedResourcePool(1, 2, factory=hooks.factory, dispose=hooks.dispose, check=check)
+        )
+        old = await pool.acquire("a")
+        await pool.release(old)
+        got: list[Conn] = []
+
+        async def take() -> None:
+            got.append(await pool.acquire("a"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await anyio.wait_all_tasks_blocked()  # in check
+            assert await pool.drain() == 0  # not idle: it is being checked
+            gate.set()
+        assert old.closed
+        assert got[0] is not old
+        stats = assert_invariants(pool)
+        assert (stats.disposals.drained, stats.leased) == (1, 1)
+        await pool.release(got[0])
+
+    async def test_a_resource_being_reset_is_disposed_after_its_reset(self) -> None:
+        hooks = Hooks()
+        resets: list[Conn] = []
+
+        async def reset(key: str, conn: Conn) -> None:
+            await anyio.sleep(1)
+            resets.append(conn)
+
+        pool = track(
+            KeyedResourcePool(1, 1, factory=hooks.factory, dispose=hooks.dispose, reset=reset)
+        )
+        conn = await pool.acquire("a")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.release, conn)
+            await anyio.sleep(0.5)
+            await pool.drain()
+        assert resets == [conn]
+        assert conn.closed
+        assert assert_invariants(pool).disposals.drained == 1
+
+    @pytest.mark.parametrize("key", ["a", "b"])  # the fast path; an eviction
+    async def test_an_interrupted_acquisition_puts_nothing_drained_back(self, key: str) -> None:
+        """Drain at each step of an acquisition, then cancel it: whatever it had taken out
+        of idle (a resource, an evicted victim) is disposed if drained, never put back."""
+        for steps in range(8):
+            hooks = Hooks(checkpoints=1)
+            pool = make_pool(max_per_key=1, max_total=1, hooks=hooks)
+            async with pool.lease("a") as first:
+                pass
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.acquire, key)
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                await pool.drain()
+                tg.cancel_scope.cancel()
+            assert_invariants(pool)
+            assert not any(pool._is_drained(entry) for entry in pool._lru), steps
+            for lease in list(pool._leased.values()):  # the acquisition won the race
+                assert lease.entry is not None
+                await pool.release(lease.entry.resource)
+            stats = assert_invariants(pool)
+            assert first.closed, steps
+            # Everything made before drain() is gone: drained, or evicted before it.
+            assert stats.size == 0, steps
+            assert all(conn.closed for conn in hooks.made), steps
+            assert stats.disposals.drained + stats.disposals.evicted == stats.created
+            assert stats.disposals.drained >= 1 or key == "b"
+            async with pool.lease("a"):
+                pass
+
+    async def test_upkeep_refills_min_idle(self) -> None:
+        hooks = Hooks()
+        async with make_pool(max_per_key=3, max_total=4, hooks=hooks, min_idle=2) as pool:
+            async with pool.lease("a") as held:
+                await anyio.sleep(1)
+                first = list(hooks.made)
+                assert len(first) == 3  # the leased one and two idle
+                assert await pool.drain() == 2
+                await anyio.sleep(1)
+                stats = pool.statistics()
+                assert (stats.per_key["a"].idle, stats.disposals.drained) == (2, 2)
+            assert held.closed
+            assert all(conn.closed for conn in first)
+            await anyio.sleep(1)
+            stats = pool.statistics()
+            assert (stats.per_key["a"].idle, stats.disposals.drained) == (2, 3)
+            # A key left with nothing at all disappears, as always; its next use brings it back.
+            assert await pool.drain() == 2
+            assert "a" not in pool.statistics().per_key
+
+    async def test_disposal_completes_when_the_caller_is_cancelled(self) -> None:
+        hooks = Hooks()
+
+        async def dispose(key: str, conn: Conn) -> None:
+            await anyio.sleep(1)
+            hooks.dispose(key, conn)
+
+        pool = track(KeyedResourcePool(2, 4, factory=hooks.factory, dispose=dispose))
+        conns = [await pool.acquire(key) for key in "aab"]
+        for conn in conns:
+            await pool.release(conn)
+        start = anyio.current_time()
+        with anyio.move_on_after(0.5) as scope:
+            assert await pool.drain() == 3  # past the deadline: every disposal completed
+            assert all(conn.closed for conn in conns)
+            await anyio.lowlevel.checkpoint()  # the cancellation comes at the next one
+            raise AssertionError("unreachable")  # pragma: no cover
+        assert scope.cancelled_caught
+        assert anyio.current_time() - start == pytest.approx(3)
+        stats = assert_invariants(pool)
+        assert (stats.size, stats.disposals.drained) == (0, 3)
+
+    async def test_drain_while_paused(self) -> None:
+        hooks = Hooks()
+        pool = make_pool(max_per_key=1, max_total=1, hooks=hooks)
+        async with pool.lease("a") as old:
+            pass
+        pool.pause()
+        got: list[Conn] = []
+
+        async def take() -> None:
+            got.append(await pool.acquire("a"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take)
+            await anyio.wait_all_tasks_blocked()
+            assert await pool.drain() == 1
+            await anyio.wait_all_tasks_blocked()
+            assert got == []  # the freed place waits for resume() too
+            pool.resume()
+        assert old.closed
+        assert got[0] is not old
+        await pool.release(got[0])
+
+
+class TestPauseAndDrainMisuse:
+    @pytest.mark.parametrize("reject", [1, 0, None, "yes"])
+    async def test_reject_must_be_a_bool(self, reject: Any) -> None:
+        pool = make_pool()
+        with pytest.raises(TypeError, match="reject must be a bool, got"):
+            pool.pause(reject=reject)
+        assert not pool.paused
+
+    async def test_an_unhashable_key_changes_nothing(self) -> None:
+        pool = make_pool()
+        async with pool.lease("a"):
+            pass
+        with pytest.raises(TypeError, match="a key must be hashable, got list"):
+            await pool.drain("a", ["b"])
+        stats = assert_invariants(pool)
+        assert (stats.idle, stats.disposed) == (1, 0)
+
+    async def test_another_event_loop_gets_runtime_error_and_changes_nothing(self) -> None:
+        pool = make_pool()
+        async with pool.lease("a"):
+            pass
+        pool.pause()
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            async def use() -> None:
+                with pytest.raises(RuntimeError) as info:
+                    await pool.drain()
+                errors.append(info.value)
+                with pytest.raises(RuntimeError) as info:
+                    pool.resume()
+                errors.append(info.value)
+
+            anyio.run(use)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert len(errors) == 2
+        assert all("belongs to the event loop that first used it" in str(e) for e in errors)
+        assert pool.paused
+        stats = assert_invariants(pool)
+        assert (stats.idle, stats.disposed) == (1, 0)
+        pool.resume()
 
 
 class TestTimeout:
