@@ -400,3 +400,95 @@ async def test_native_timeout_on_a_waiting_acquire_keeps_fifo() -> None:
         with pytest.raises(PoolTimeoutError):
             await pool.acquire("a", timeout=0.1)
     await pool.aclose()
+
+
+@pytest.mark.parametrize("style", STYLES)
+async def test_interrupted_drain_still_disposes_every_idle_resource(style: str) -> None:
+    for delay in delays(STEP, 24):
+        hooks = Hooks(max_per_key=2, max_total=4)
+        pool = hooks.pool()
+        conns = [await pool.acquire(key) for key in ("a", "a", "b", "c")]
+        held = conns.pop()
+        for conn in conns:
+            await pool.release(conn)
+        with no_cancel_leak():
+            await cancel_at(pool.drain, style, delay)
+        assert all(conn.closed for conn in conns), (delay, hooks.made)
+        assert not held.closed
+        assert_books(pool, hooks)
+        stats = pool.statistics()
+        assert (stats.size, stats.disposals.drained) == (1, 3)
+        await pool.release(held)  # drained: disposed on its way back
+        assert held.closed
+        await still_works(pool, "c")
+        assert pool.statistics().disposals.drained == 4
+        await pool.aclose()
+        assert_books(pool, hooks)
+
+
+async def test_interrupted_drain_at_every_zero_time_step() -> None:
+    for steps in range(1, 200):  # at 0 the task is cancelled before drain() starts
+        hooks = Hooks(step=0, max_per_key=2, max_total=3)
+        pool = hooks.pool(reset=hooks.reset)
+        conns = [await pool.acquire(key) for key in ("a", "a", "b")]
+        for conn in conns:
+            await pool.release(conn)
+        finished = await cancel_after_steps(pool.drain, steps)
+        assert all(conn.closed for conn in conns), steps
+        assert_books(pool, hooks)
+        assert pool.statistics().size == 0
+        await still_works(pool)
+        await pool.aclose()
+        assert_books(pool, hooks)
+        if finished:
+            break
+    else:
+        pytest.fail("drain never finished before the cancellation")
+
+
+@pytest.mark.parametrize("style", STYLES)
+async def test_a_waiter_cancelled_natively_while_paused_leaves_no_trace(style: str) -> None:
+    hooks = Hooks(max_per_key=1, max_total=1)
+    pool = hooks.pool()
+    idle = await pool.acquire("a")
+    await pool.release(idle)
+    pool.pause()
+
+    async def acquire() -> None:
+        await pool.acquire("a")
+
+    with no_cancel_leak():
+        assert not await cancel_at(acquire, style, 0.5)
+    stats = pool.statistics()
+    assert (stats.waiting, stats.idle, stats.keys, stats.waits_abandoned) == (0, 1, 1, 1)
+    pool.resume()
+    await still_works(pool)
+    await still_works(pool, "b")  # the only place, not lost
+    assert_books(pool, hooks)
+    await pool.aclose()
+
+
+async def test_a_waiter_cancelled_as_resume_serves_it_passes_the_resource_on() -> None:
+    hooks = Hooks(max_per_key=1, max_total=1)
+    pool = hooks.pool()
+    idle = await pool.acquire("a")
+    await pool.release(idle)
+    pool.pause()
+    got: list[tuple[str, Conn]] = []
+
+    async def waiter(name: str) -> None:
+        async with pool.lease("a") as conn:
+            got.append((name, conn))
+
+    first = asyncio.ensure_future(waiter("first"))
+    second = asyncio.ensure_future(waiter("second"))
+    await asyncio.sleep(0)
+    assert pool.statistics().waiting == 2
+    pool.resume()  # the idle resource is handed to the first waiter at once...
+    assert pool.statistics().leased == 1
+    first.cancel()  # ...which is cancelled natively before it runs
+    await asyncio.gather(first, second, return_exceptions=True)
+    assert first.cancelled()
+    assert got == [("second", idle)]
+    assert_books(pool, hooks)
+    await pool.aclose()
