@@ -4,7 +4,10 @@ The pool runs in an event loop behind an anyio blocking portal (asyncio and trio
 step is a call through the portal, and after every step the pool's statistics, overall and
 per key, and the identities it hands out must match the model exactly: which idle resource a
 key reuses (its most recently returned), which one is evicted when ``max_total`` is reached
-(the longest idle of the pool), what is made, what is disposed.
+(the longest idle of the pool), what is made, what is disposed. ``pause``/``resume`` and
+``drain`` (pool-wide or for one key) are steps too: while paused nothing is handed out (a
+would-be wait times out, is refused, or raises ``PoolPausedError`` with ``reject=True``), and
+a drained resource is disposed at once if idle, or when it comes back.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from darwin_metrics import PoolOverloadedError, PoolTimeoutError
+from darwin_metrics import PoolOverloadedError, PoolPausedError, PoolTimeoutError
 from darwin_metrics.resource import KeyedResourcePool
 
 KEYS = ("a", "b", "c", "d")
@@ -40,6 +43,7 @@ class Item:
         self.key = key
         self.number = number
         self.disposed = False
+        self.drained = False  # leased when drain() was called: disposed when it comes back
 
     def __repr__(self) -> str:
         return f"Item({self.key}, {self.number})"
@@ -74,6 +78,9 @@ class KeyedPoolMachine(RuleBasedStateMachine):
         self.created = 0
         self.disposed = 0
         self.evicted = 0
+        self.drained = 0
+        self.paused = False
+        self.rejecting = False
 
     def _make(self, key: str) -> Item:
         self.counter += 1
@@ -94,6 +101,8 @@ class KeyedPoolMachine(RuleBasedStateMachine):
     def _expected_take(self, key: str) -> tuple[Item | str | None, Item | None]:
         """What the next acquisition of ``key`` yields (an item, "new", or None: it would
         wait), and the idle item it evicts first, if any."""
+        if self.paused:
+            return None, None  # nothing is handed out
         mine = [item for item in self.idle if item.key == key]
         if mine:
             return mine[-1], None  # the key's most recently returned
@@ -127,12 +136,30 @@ class KeyedPoolMachine(RuleBasedStateMachine):
         return got
 
     def _would_wait(self) -> type[Exception]:
+        if self.paused and self.rejecting:
+            return PoolPausedError
         return PoolTimeoutError if self.max_waiting is None else PoolOverloadedError
+
+    def _came_back(self, item: Item) -> None:
+        """A leased item was given back: idle (the most recent), or disposed if drained."""
+        self.leased.remove(item)
+        if item.drained:
+            assert item.disposed, f"{item} was drained and should have been disposed"
+            self.disposed += 1
+            self.drained += 1
+        else:
+            assert not item.disposed
+            self.idle.append(item)
 
     @rule(target=held, key=keys)
     def try_acquire(self, key: str) -> Item | None:
         expected, victim = self._expected_take(key)
-        got = self.portal.call(self.pool.try_acquire, key)
+        try:
+            got = self.portal.call(self.pool.try_acquire, key)
+        except PoolPausedError:
+            assert self.paused
+            assert self.rejecting
+            return None
         return self._took(expected, victim, got)
 
     @rule(target=held, key=keys)
@@ -178,8 +205,8 @@ class KeyedPoolMachine(RuleBasedStateMachine):
                 return await task, True
             except asyncio.CancelledError:
                 return None, False
-            except (PoolTimeoutError, PoolOverloadedError):
-                return None, True  # it would have waited
+            except (PoolTimeoutError, PoolOverloadedError, PoolPausedError):
+                return None, True  # it would have waited, or was refused
 
         got, finished = self.portal.call(run)
         if not finished:
@@ -205,7 +232,7 @@ class KeyedPoolMachine(RuleBasedStateMachine):
                 await asyncio.sleep(0)
             task.cancel()
             with contextlib.suppress(
-                asyncio.CancelledError, PoolTimeoutError, PoolOverloadedError
+                asyncio.CancelledError, PoolTimeoutError, PoolOverloadedError, PoolPausedError
             ):
                 await task
 
@@ -215,8 +242,7 @@ class KeyedPoolMachine(RuleBasedStateMachine):
             return
         [item] = got
         self._took(expected, victim, item)
-        self.leased.remove(item)
-        self.idle.append(item)
+        self._came_back(item)
 
     @rule(item=consumes(held))
     def give_back(self, item: Item | None) -> None:
@@ -227,8 +253,7 @@ class KeyedPoolMachine(RuleBasedStateMachine):
             manager.__exit__(None, None, None)
         else:
             self.portal.call(self.pool.release, item)
-        self.leased.remove(item)
-        self.idle.append(item)  # now the most recently idle
+        self._came_back(item)
 
     @rule(item=consumes(held))
     def discard(self, item: Item | None) -> None:
@@ -242,6 +267,35 @@ class KeyedPoolMachine(RuleBasedStateMachine):
         if manager is not None:
             manager.__exit__(None, None, None)  # a discarded lease gives nothing back
 
+    @rule(reject=st.booleans())
+    def pause(self, reject: bool) -> None:
+        self.portal.call(lambda: self.pool.pause(reject=reject))
+        self.paused = True
+        self.rejecting = reject
+
+    @rule()
+    def resume(self) -> None:
+        self.portal.call(self.pool.resume)
+        self.paused = self.rejecting = False
+
+    @rule(key=st.none() | keys)
+    def drain(self, key: str | None) -> None:
+        """Idle items of the key (or of all) are disposed now; leased ones are marked."""
+        mine = [item for item in self.idle if key is None or item.key == key]
+        if key is None:
+            count = self.portal.call(self.pool.drain)
+        else:
+            count = self.portal.call(self.pool.drain, key)
+        assert count == len(mine)
+        for item in mine:
+            assert item.disposed
+            self.idle.remove(item)
+        self.disposed += len(mine)
+        self.drained += len(mine)
+        for item in self.leased:
+            if key is None or item.key == key:
+                item.drained = True
+
     @invariant()
     def statistics_match_the_model(self) -> None:
         stats = self.pool.statistics()
@@ -251,6 +305,8 @@ class KeyedPoolMachine(RuleBasedStateMachine):
         assert stats.created == self.created
         assert stats.disposed == self.disposed
         assert stats.disposals.evicted == self.evicted
+        assert stats.disposals.drained == self.drained
+        assert self.pool.paused == self.paused
         assert stats.waiting == 0
         in_use = {item.key for item in (*self.idle, *self.leased)}
         assert set(stats.per_key) == in_use  # a key with nothing is gone
