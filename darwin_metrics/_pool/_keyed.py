@@ -709,6 +709,8 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             PoolTimeoutError: No resource within ``timeout``.
             PoolOverloadedError: It would have to wait, and ``max_waiting`` tasks already
                 wait (refused at once, after a checkpoint).
+            PoolPausedError: The pool was paused with ``pause(reject=True)`` (refused at
+                once, after a checkpoint; while paused otherwise, it waits).
             PoolClosedError: The pool is closed, or was closed while waiting.
             TypeError: ``key`` is not hashable.
             RuntimeError: Called from an event loop other than the pool's.
@@ -732,6 +734,8 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
 
         Raises:
             PoolClosedError: The pool is closed.
+            PoolPausedError: The pool was paused with ``pause(reject=True)`` (while paused
+                otherwise, it answers ``None``).
             TypeError: ``key`` is not hashable.
             RuntimeError: Called from an event loop other than the pool's.
         """
@@ -766,6 +770,7 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             ValueError: ``timeout`` is negative or not finite (at once).
             PoolTimeoutError: No resource within ``timeout`` (on entry).
             PoolOverloadedError: ``max_waiting`` tasks already wait (on entry).
+            PoolPausedError: The pool was paused with ``pause(reject=True)`` (on entry).
             PoolClosedError: The pool is closed, or was closed while waiting (on entry).
             RuntimeError: Used from an event loop other than the pool's (on entry).
         """
