@@ -886,9 +886,11 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
         With no argument, every key's; with keys, only theirs (one host that failed over).
         Every idle resource of them is disposed now, and every leased one (or one being
         checked or reset) as it comes back; new acquisitions get fresh resources from the
-        factory, and upkeep refills ``min_idle``. A resource whose factory call was running
-        when ``drain`` was called counts as fresh. Both limits hold throughout: a drained
-        resource keeps its place until its ``dispose`` returned. Works while paused too.
+        factory, and upkeep refills ``min_idle`` for the keys that remain (a key left with
+        nothing disappears, as always, until its next use). A resource whose factory call
+        was running when ``drain`` was called counts as fresh. Both limits hold throughout:
+        a drained resource keeps its place until its ``dispose`` returned. Works while
+        paused too.
         Returns how many idle resources were disposed now; keys the pool holds nothing for
         are skipped.
 
