@@ -118,6 +118,10 @@ class KeyedResourcePool(_KeyedUpkeep, Generic[K, T]):
             with :class:`~darwin_metrics.PoolOverloadedError`. ``0`` never waits; ``None`` (the
             default) has no bound.
 
+    :meth:`pause` and :meth:`resume` hold and release every new acquisition (for a
+    maintenance window); :meth:`drain` replaces every key's resources, or one key's (for a
+    credential rotation, or a host that failed over).
+
     All hooks may be sync or async callables and receive the key first. Prefill to
     ``min_idle``, idle reaping and retirement of idle resources run in the upkeep task of
     ``async with pool:``.
