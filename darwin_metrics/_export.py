@@ -10,22 +10,37 @@ Nothing here imports a third-party library.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
 
 from ._cache import Cache, CacheStatistics, EvictionCause
 from ._manager import ResourceManager
-from ._pool import PoolDisposals, PoolStatistics, ResourcePool
+from ._pool import (
+    KeyedPoolStatistics,
+    KeyedResourcePool,
+    PoolDisposals,
+    PoolStatistics,
+    ResourcePool,
+)
 
 __all__ = [
     "DISPOSAL_REASONS",
     "EVICTION_CAUSES",
+    "AnyPool",
+    "AnyPoolStatistics",
     "Sources",
     "cache_evictions",
     "pool_connections",
+    "pool_disposals",
+    "pool_max",
 ]
+
+#: What the exporters take as a pool: a :class:`ResourcePool`, or a
+#: :class:`KeyedResourcePool` exported as one pool (its totals over every key).
+AnyPool: TypeAlias = "ResourcePool[Any] | KeyedResourcePool[Any, Any]"
+AnyPoolStatistics: TypeAlias = "PoolStatistics | KeyedPoolStatistics[Any]"
 
 #: The ``reason`` label's values, in :class:`PoolDisposals`' order.
 DISPOSAL_REASONS: Final[tuple[str, ...]] = tuple(
@@ -38,13 +53,31 @@ EVICTION_CAUSES: Final = ("size", "expired")
 S = TypeVar("S")
 
 
-def pool_connections(stats: PoolStatistics) -> tuple[int, int]:
+def pool_connections(stats: AnyPoolStatistics) -> tuple[int, int]:
     """``(idle, used)``: used is every resource the pool owns that is not idle.
 
     That is the leased ones and any being checked or reset, so that idle + used is the
     pool's size, as OpenTelemetry's ``db.client.connection.count`` states add up.
     """
     return stats.idle, stats.size - stats.idle
+
+
+def pool_max(stats: AnyPoolStatistics) -> int:
+    """The most resources the pool may own: ``max_size``, or a keyed pool's ``max_total``."""
+    if isinstance(stats, PoolStatistics):
+        return stats.max_size
+    return stats.max_total
+
+
+def pool_disposals(stats: AnyPoolStatistics) -> Iterator[tuple[str, int]]:
+    """``(reason, count)`` for each field of the snapshot's disposals, in their order.
+
+    A :class:`ResourcePool`'s reasons are :data:`DISPOSAL_REASONS`; a keyed pool's are its
+    own (``evicted`` among them, no ``shrunk``).
+    """
+    disposals = stats.disposals
+    for field in attrs.fields(type(disposals)):
+        yield field.name, getattr(disposals, field.name)
 
 
 def cache_evictions(stats: CacheStatistics) -> tuple[tuple[str, int], ...]:
@@ -88,11 +121,11 @@ class Sources:
     def __init__(
         self,
         *,
-        pools: Mapping[str, ResourcePool[Any]] | None = None,
+        pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]] | None = None,
         caches: Mapping[str, Cache[Any, Any]] | None = None,
         managers: Mapping[str, ResourceManager] | None = None,
     ) -> None:
-        self._pools: dict[str, ResourcePool[Any]] = {}
+        self._pools: dict[str, AnyPool] = {}
         self._caches: dict[str, Cache[Any, Any]] = {}
         self._managers: dict[str, ResourceManager] = {}
         for name, pool in _mapping("pools", pools).items():
@@ -104,12 +137,19 @@ class Sources:
 
     @staticmethod
     def _added(
-        kind: str, current: dict[str, S], name: object, source: object, cls: type[S]
+        kind: str,
+        current: dict[str, S],
+        name: object,
+        source: object,
+        cls: type[Any] | tuple[type[Any], ...],
     ) -> dict[str, S]:
         checked = _check_name(kind, name)
         if not isinstance(source, cls):
+            expected = (
+                " or a ".join(c.__name__ for c in cls) if isinstance(cls, tuple) else cls.__name__
+            )
             raise TypeError(
-                f"{kind} {checked!r} must be a {cls.__name__}, got {type(source).__name__}"
+                f"{kind} {checked!r} must be a {expected}, got {type(source).__name__}"
             )
         if checked in current:
             raise ValueError(
@@ -118,14 +158,20 @@ class Sources:
             )
         return {**current, checked: source}
 
-    def add_pool(self, name: str, pool: ResourcePool[Any]) -> None:
+    def add_pool(self, name: str, pool: ResourcePool[Any] | KeyedResourcePool[Any, Any]) -> None:
         """Export ``pool`` under ``name`` (the value of its pool name label or attribute).
 
+        A :class:`~darwin_metrics.resource.KeyedResourcePool` is exported as one pool: its
+        totals over every key, with ``max_total`` as its maximum and its own disposal reasons.
+
         Raises:
-            TypeError: ``name`` is not a str, or ``pool`` is not a ResourcePool.
+            TypeError: ``name`` is not a str, or ``pool`` is neither a ResourcePool nor a
+                KeyedResourcePool.
             ValueError: ``name`` is empty, or a pool is already exported under it.
         """
-        self._pools = self._added("pool", self._pools, name, pool, ResourcePool)
+        self._pools = self._added(
+            "pool", self._pools, name, pool, (ResourcePool, KeyedResourcePool)
+        )
 
     def add_cache(self, name: str, cache: Cache[Any, Any]) -> None:
         """Export ``cache`` under ``name`` (the value of its ``cache`` label or attribute).
@@ -176,7 +222,7 @@ class Sources:
         return present
 
     @property
-    def pools(self) -> Mapping[str, ResourcePool[Any]]:
+    def pools(self) -> Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]]:
         """The exported pools by name (a snapshot: adding or removing one replaces it)."""
         return self._pools
 

@@ -17,10 +17,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from ._cache import Cache
-from ._export import DISPOSAL_REASONS, Sources, cache_evictions, pool_connections
+from ._export import (
+    AnyPoolStatistics,
+    Sources,
+    cache_evictions,
+    pool_connections,
+    pool_disposals,
+    pool_max,
+)
 from ._histogram import DEFAULT_BUCKETS
 from ._manager import ResourceManager
-from ._pool import PoolStatistics, ResourcePool
+from ._pool import KeyedResourcePool, ResourcePool
 from ._pool._statistics import TimingKind
 
 if TYPE_CHECKING:
@@ -54,7 +61,7 @@ def _import_otel() -> Any:
     return metrics
 
 
-PoolReading = Callable[[PoolStatistics], Iterable[tuple[float, Mapping[str, str]]]]
+PoolReading = Callable[[AnyPoolStatistics], Iterable[tuple[float, Mapping[str, str]]]]
 
 # (name, kind, unit, description, reading): kind is "counter", "updown" or "gauge".
 _POOL_INSTRUMENTS: Final[tuple[tuple[str, str, str, str, PoolReading], ...]] = (
@@ -71,7 +78,7 @@ _POOL_INSTRUMENTS: Final[tuple[tuple[str, str, str, str, PoolReading], ...]] = (
         "updown",
         "{connection}",
         "The maximum number of open connections allowed.",
-        lambda s: ((s.max_size, {}),),
+        lambda s: ((pool_max(s), {}),),
     ),
     (
         "db.client.connection.idle.min",
@@ -107,7 +114,7 @@ _POOL_INSTRUMENTS: Final[tuple[tuple[str, str, str, str, PoolReading], ...]] = (
         "counter",
         "{resource}",
         "Resources that left the pool, by reason.",
-        lambda s: ((getattr(s.disposals, r), {REASON: r}) for r in DISPOSAL_REASONS),
+        lambda s: ((count, {REASON: r}) for r, count in pool_disposals(s)),
     ),
     (
         "darwin.pool.factory_errors",
@@ -170,7 +177,9 @@ class DarwinInstruments(Sources):
     ``darwin.pool.disposal.reason``), ``darwin.pool.factory_errors``,
     ``darwin.pool.acquired``, ``darwin.pool.acquired_after_wait`` and
     ``darwin.pool.waits_abandoned``. The histograms ``db.client.connection.wait_time``,
-    ``.use_time`` and ``.create_time`` (seconds) come from :meth:`timing_listener`.
+    ``.use_time`` and ``.create_time`` (seconds) come from :meth:`timing_listener`. A
+    :class:`~darwin_metrics.resource.KeyedResourcePool` is exported as one pool: its totals
+    over every key, ``max_total`` as its maximum, and its own disposal reasons.
 
     Caches (attribute ``cache``, as Micrometer names them): ``cache.gets`` (attribute
     ``result``: ``hit`` or ``miss``), ``cache.puts``, ``cache.evictions`` (attribute
@@ -191,7 +200,7 @@ class DarwinInstruments(Sources):
         self,
         meter: Meter,
         *,
-        pools: Mapping[str, ResourcePool[Any]] | None = None,
+        pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]] | None = None,
         caches: Mapping[str, Cache[Any, Any]] | None = None,
         managers: Mapping[str, ResourceManager] | None = None,
     ) -> None:
@@ -441,7 +450,7 @@ class DarwinInstruments(Sources):
 def instrument(
     meter: Meter,
     *,
-    pools: Mapping[str, ResourcePool[Any]] | None = None,
+    pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]] | None = None,
     caches: Mapping[str, Cache[Any, Any]] | None = None,
     managers: Mapping[str, ResourceManager] | None = None,
 ) -> DarwinInstruments:
@@ -461,7 +470,7 @@ def instrument(
 
     Args:
         meter: An OpenTelemetry ``Meter``.
-        pools: Pools to export, by name.
+        pools: Pools to export, by name (ResourcePool or KeyedResourcePool).
         caches: Caches to export, by name.
         managers: Managers to export, by name.
 

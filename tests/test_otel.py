@@ -30,7 +30,14 @@ from opentelemetry.sdk.metrics.export import (
 from darwin_metrics import PoolTimeoutError
 from darwin_metrics._histogram import DEFAULT_BUCKETS
 from darwin_metrics.otel import DarwinInstruments, instrument, pool_timing_listener
-from darwin_metrics.resource import Cache, PoolDisposals, ResourceManager, ResourcePool
+from darwin_metrics.resource import (
+    Cache,
+    KeyedPoolDisposals,
+    KeyedResourcePool,
+    PoolDisposals,
+    ResourceManager,
+    ResourcePool,
+)
 
 pytestmark = pytest.mark.anyio
 NAME = "db.client.connection.pool.name"
@@ -148,6 +155,31 @@ class TestPools:
         # No histogram without a timing listener.
         assert not set(TIMINGS.values()) & set(collected.metrics)
         assert leased is not None
+
+    async def test_a_keyed_pool_is_one_pool(self, sdk: tuple[Any, InMemoryMetricReader]) -> None:
+        # Its totals over every key: max is max_total, the disposal reasons its own.
+        meter, reader = sdk
+        async with KeyedResourcePool[str, object](2, 3, factory=lambda key: object()) as pool:
+            instrument(meter, pools={"hosts": pool})
+            async with pool.lease("a"), pool.lease("b"):
+                pass
+            held = await pool.acquire("c")
+            await pool.acquire("c")  # max_total reached: a's idle resource is evicted
+            stats = pool.statistics()
+            collected = Collected(reader)
+            await pool.release(held)
+        hosts = {NAME: "hosts"}
+        assert collected.value("db.client.connection.max", **hosts) == stats.max_total == 3
+        count = "db.client.connection.count"
+        assert collected.value(count, **hosts, **{STATE: "idle"}) == stats.idle == 1
+        assert collected.value(count, **hosts, **{STATE: "used"}) == 2
+        assert collected.value("darwin.pool.acquired", **hosts) == stats.acquired == 4
+        assert collected.value("darwin.pool.created", **hosts) == stats.created == 4
+        reason = "darwin.pool.disposal.reason"
+        reasons = [field.name for field in attrs.fields(KeyedPoolDisposals)]
+        assert len(collected.points("darwin.pool.disposed")) == len(reasons)
+        assert collected.value("darwin.pool.disposed", **hosts, **{reason: "evicted"}) == 1
+        assert stats.disposals.evicted == 1
 
     async def test_a_pending_request(self, sdk: tuple[Any, InMemoryMetricReader]) -> None:
         meter, reader = sdk

@@ -23,6 +23,8 @@ from darwin_metrics.prometheus import DarwinCollector, register
 from darwin_metrics.resource import (
     Cache,
     Histogram,
+    KeyedPoolDisposals,
+    KeyedResourcePool,
     PoolDisposals,
     ResourceManager,
     ResourcePool,
@@ -212,6 +214,56 @@ class TestPools:
         assert value(connections, pool="busy", state="used") == 1
         assert value(connections, pool="empty", state="idle") == 0
 
+    async def test_a_keyed_pool_is_exported_as_one_pool(self) -> None:
+        # Its totals over every key: max is max_total, the disposal reasons its own.
+        async with KeyedResourcePool[str, object](
+            2, 3, factory=lambda key: object(), min_idle=0
+        ) as pool:
+            async with pool.lease("a"), pool.lease("b"):
+                await anyio.sleep(0.25)
+            held = await pool.acquire("c")  # max_total reached: a's idle one is evicted
+            async with anyio.create_task_group() as group:
+                group.start_soon(pool.acquire, "c")  # c has one leased, one idle (b's) ...
+                await anyio.wait_all_tasks_blocked()
+                group.cancel_scope.cancel()
+            await pool.drain()
+            stats = pool.statistics()
+            families = scrape(DarwinCollector(pools={"hosts": pool}))
+            await pool.release(held)
+        check_shape(families, POOL_FAMILIES)
+        assert set(families) == set(POOL_FAMILIES)
+        for family, number in {
+            "darwin_pool_max": 3,
+            "darwin_pool_min_idle": 0,
+            "darwin_pool_pending_requests": stats.waiting,
+            "darwin_pool_timeouts": stats.timeouts,
+            "darwin_pool_created": stats.created,
+            "darwin_pool_factory_errors": 0,
+            "darwin_pool_acquired": stats.acquired,
+            "darwin_pool_acquired_after_wait": stats.acquired_after_wait,
+            "darwin_pool_waits_abandoned": stats.waits_abandoned,
+        }.items():
+            assert value(families[family], pool="hosts") == number, family
+        assert stats.acquired >= 3
+        connections = families["darwin_pool_connections"]
+        assert value(connections, pool="hosts", state="idle") == stats.idle
+        assert value(connections, pool="hosts", state="used") == stats.size - stats.idle >= 1
+        disposed = values(families["darwin_pool_disposed"])
+        reasons = [field.name for field in attrs.fields(KeyedPoolDisposals)]
+        assert "evicted" in reasons
+        assert "shrunk" not in reasons
+        assert disposed == {
+            (("pool", "hosts"), ("reason", reason)): float(getattr(stats.disposals, reason))
+            for reason in reasons
+        }
+        assert stats.disposals.evicted >= 1
+        assert stats.disposals.drained >= 1
+        use = families["darwin_pool_use_seconds"]
+        assert value(use, "darwin_pool_use_seconds_count", pool="hosts") == stats.use_time.count
+        assert value(use, "darwin_pool_use_seconds_sum", pool="hosts") == pytest.approx(
+            stats.use_time.sum
+        )
+
     async def test_min_idle(self) -> None:
         async with ResourcePool(4, factory=object, min_idle=2) as pool:
             await anyio.sleep(0.1)  # prefilled by upkeep
@@ -367,7 +419,11 @@ class TestCollector:
         [
             (lambda c: c.add_pool(1, ResourcePool(1)), TypeError, "a pool's name must be a str"),
             (lambda c: c.add_pool("", ResourcePool(1)), ValueError, "must not be empty"),
-            (lambda c: c.add_pool("p", Cache(1)), TypeError, "must be a ResourcePool"),
+            (
+                lambda c: c.add_pool("p", Cache(1)),
+                TypeError,
+                "must be a ResourcePool or a KeyedResourcePool",
+            ),
             (lambda c: c.add_cache("c", ResourcePool(1)), TypeError, "must be a Cache"),
             (lambda c: c.add_manager("m", None), TypeError, "must be a ResourceManager"),
             (lambda c: c.add_pool("taken", ResourcePool(1)), ValueError, "already exported"),

@@ -13,10 +13,16 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from .._cache import Cache
-from .._export import DISPOSAL_REASONS, Sources, cache_evictions, pool_connections
+from .._export import (
+    Sources,
+    cache_evictions,
+    pool_connections,
+    pool_disposals,
+    pool_max,
+)
 from .._histogram import Histogram
 from .._manager import ResourceManager
-from .._pool import ResourcePool
+from .._pool import KeyedResourcePool, ResourcePool
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import (
@@ -381,6 +387,9 @@ class DarwinCollector(Sources):
     ``darwin_pool_created_total``, ``darwin_pool_disposed_total{reason}``,
     ``darwin_pool_factory_errors_total``, ``darwin_pool_acquired_total``,
     ``darwin_pool_acquired_after_wait_total`` and ``darwin_pool_waits_abandoned_total``.
+    A :class:`~darwin_metrics.resource.KeyedResourcePool` is exported as one pool: its totals
+    over every key, ``max_total`` as its maximum, and its own disposal reasons (``evicted``
+    among them, no ``shrunk``).
 
     Caches (label ``cache``, Micrometer's names): ``cache_gets_total{result="hit"|"miss"}``,
     ``cache_puts_total``, ``cache_evictions_total{cause="size"|"expired"}``, ``cache_size``,
@@ -404,7 +413,7 @@ class DarwinCollector(Sources):
         collector.add_manager("app", manager)
 
     Args:
-        pools: Pools to export, by name.
+        pools: Pools to export, by name (ResourcePool or KeyedResourcePool).
         caches: Caches to export, by name.
         managers: Managers to export, by name.
         conventions: ``"darwin"`` (the default) or ``"db"``: the names of the pool series.
@@ -421,7 +430,7 @@ class DarwinCollector(Sources):
     def __init__(
         self,
         *,
-        pools: Mapping[str, ResourcePool[Any]] | None = None,
+        pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]] | None = None,
         caches: Mapping[str, Cache[Any, Any]] | None = None,
         managers: Mapping[str, ResourceManager] | None = None,
         conventions: Conventions = "darwin",
@@ -469,7 +478,9 @@ class DarwinCollector(Sources):
             if family.samples:
                 yield family
 
-    def _collect_pools(self, pools: Mapping[str, ResourcePool[Any]]) -> list[Metric]:
+    def _collect_pools(
+        self, pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]]
+    ) -> list[Metric]:
         specs = self._pool_specs
         connections = _gauge(specs["connections"])
         max_size = _gauge(specs["max"])
@@ -492,14 +503,13 @@ class DarwinCollector(Sources):
             idle, used = pool_connections(stats)
             connections.add_metric([name, "idle"], idle)
             connections.add_metric([name, "used"], used)
-            max_size.add_metric(label, stats.max_size)
+            max_size.add_metric(label, pool_max(stats))
             min_idle.add_metric(label, stats.min_idle)
             pending.add_metric(label, stats.waiting)
             timeouts.add_metric(label, stats.timeouts)
             created.add_metric(label, stats.created)
-            disposals = stats.disposals
-            for reason in DISPOSAL_REASONS:
-                disposed.add_metric([name, reason], getattr(disposals, reason))
+            for reason, count in pool_disposals(stats):
+                disposed.add_metric([name, reason], count)
             factory_errors.add_metric(label, stats.factory_errors)
             acquired.add_metric(label, stats.acquired)
             after_wait.add_metric(label, stats.acquired_after_wait)
@@ -572,7 +582,7 @@ class DarwinCollector(Sources):
 def register(
     registry: CollectorRegistry | None = None,
     *,
-    pools: Mapping[str, ResourcePool[Any]] | None = None,
+    pools: Mapping[str, ResourcePool[Any] | KeyedResourcePool[Any, Any]] | None = None,
     caches: Mapping[str, Cache[Any, Any]] | None = None,
     managers: Mapping[str, ResourceManager] | None = None,
     conventions: Conventions = "darwin",
@@ -586,7 +596,7 @@ def register(
 
     Args:
         registry: Where to register it: prometheus_client's default ``REGISTRY`` if ``None``.
-        pools: Pools to export, by name.
+        pools: Pools to export, by name (ResourcePool or KeyedResourcePool).
         caches: Caches to export, by name.
         managers: Managers to export, by name.
         conventions: ``"darwin"`` or ``"db"``, as for :class:`DarwinCollector`.
