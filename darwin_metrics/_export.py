@@ -20,13 +20,11 @@ from ._manager import ResourceManager
 from ._pool import (
     KeyedPoolStatistics,
     KeyedResourcePool,
-    PoolDisposals,
     PoolStatistics,
     ResourcePool,
 )
 
 __all__ = [
-    "DISPOSAL_REASONS",
     "EVICTION_CAUSES",
     "AnyPool",
     "AnyPoolStatistics",
@@ -41,11 +39,6 @@ __all__ = [
 #: :class:`KeyedResourcePool` exported as one pool (its totals over every key).
 AnyPool: TypeAlias = "ResourcePool[Any] | KeyedResourcePool[Any, Any]"
 AnyPoolStatistics: TypeAlias = "PoolStatistics | KeyedPoolStatistics[Any]"
-
-#: The ``reason`` label's values, in :class:`PoolDisposals`' order.
-DISPOSAL_REASONS: Final[tuple[str, ...]] = tuple(
-    field.name for field in attrs.fields(PoolDisposals)
-)
 
 #: The ``cause`` label's values of ``cache_evictions_total`` / ``cache.evictions``.
 EVICTION_CAUSES: Final = ("size", "expired")
@@ -72,8 +65,8 @@ def pool_max(stats: AnyPoolStatistics) -> int:
 def pool_disposals(stats: AnyPoolStatistics) -> Iterator[tuple[str, int]]:
     """``(reason, count)`` for each field of the snapshot's disposals, in their order.
 
-    A :class:`ResourcePool`'s reasons are :data:`DISPOSAL_REASONS`; a keyed pool's are its
-    own (``evicted`` among them, no ``shrunk``).
+    A :class:`ResourcePool`'s reasons are :class:`PoolDisposals`' fields; a keyed pool's are
+    its own (``evicted`` among them, no ``shrunk``).
     """
     disposals = stats.disposals
     for field in attrs.fields(type(disposals)):

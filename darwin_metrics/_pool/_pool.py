@@ -1414,7 +1414,8 @@ class ResourcePool(Generic[T]):
         ``async with pool:`` does this by itself; call it for a pool that is not entered that
         way, or after :meth:`drain`. Resources are made one after another, each under a
         capacity token, so waiters are never overtaken; it returns early when the pool has
-        no room left for them (its resources are leased). A checkpoint.
+        no room left for them (its resources are leased), or when its ``shared_limit`` has
+        no permit free at once (it never waits for one). A checkpoint.
 
         Cancellation: resources made before it was cancelled stay in the pool, idle.
 
