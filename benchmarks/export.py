@@ -278,7 +278,7 @@ def _hand_kept(
     """A registry with the collector's series, kept with prometheus_client's own metrics."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    from darwin_metrics._export import DISPOSAL_REASONS
+    from darwin_metrics._export import pool_disposals
 
     registry = CollectorRegistry(auto_describe=False)
 
@@ -318,8 +318,8 @@ def _hand_kept(
         pending.labels(name).set(stats.waiting)
         timeouts.labels(name).inc(stats.timeouts)
         created.labels(name).inc(stats.created)
-        for reason in DISPOSAL_REASONS:
-            disposed.labels(name, reason).inc(getattr(stats.disposals, reason))
+        for reason, count in pool_disposals(stats):
+            disposed.labels(name, reason).inc(count)
         for field, metric in simple.items():
             metric.labels(name).inc(getattr(stats, field))
         for kind, histogram in histograms.items():
